@@ -1,0 +1,387 @@
+"""Data: load -> validate/clean -> analyse -> seeded stratified split -> tokenize -> loaders.
+
+Every problem a user can fix is a DataError raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import DataError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+# ---------------------------------------------------------------- load
+
+
+def read_examples(path: str | Path, text_column: str = "text", label_column: str = "label", role: str = "data") -> tuple[list, list]:
+    """Read (texts, raw labels) from JSONL, CSV/TSV or Parquet; raw labels keep their file type."""
+    rows, columns = read_table(path, role)
+    for column, what in ((text_column, "text"), (label_column, "label")):
+        if column not in columns:
+            raise DataError(
+                f"{role} file '{path}': {what} column '{column}' not found; columns are {', '.join(sorted(columns)) or 'none'}"
+                f" (set --{what}-column)"
+            )
+    return [r.get(text_column) for r in rows], [r.get(label_column) for r in rows]
+
+
+def read_table(path: str | Path, role: str = "data") -> tuple[list[dict], set[str]]:
+    """Rows as dicts and the union of their columns; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{role} file '{path}' does not exist")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{role} file '{path}': unknown format '{path.suffix}'; use one of {', '.join(sorted(FORMATS))}")
+    try:
+        if kind == "jsonl":
+            rows = _read_jsonl(path, role)
+        elif kind == "parquet":
+            rows = _read_parquet(path, role)
+        else:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
+    except UnicodeDecodeError:
+        raise DataError(f"{role} file '{path}' is not UTF-8 text") from None
+    except csv.Error as err:
+        raise DataError(f"{role} file '{path}' is not valid CSV: {err}") from None
+    if not rows:
+        raise DataError(f"{role} file '{path}' has no rows")
+    columns: set[str] = set()
+    for r in rows:
+        columns.update(r)
+    return rows, columns
+
+
+def _read_jsonl(path: Path, role: str) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{role} file '{path}' line {number} is not valid JSON ({err.msg}); expected one object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{role} file '{path}' line {number} is a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(path: Path, role: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{role} file '{path}': reading Parquet needs the 'pyarrow' package (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{role} file '{path}' is not readable Parquet: {err}") from None
+
+
+# ---------------------------------------------------------------- clean
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202f\ufeff]")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, lowercase: bool = False) -> str:
+    """NFC-normalise, drop control and zero-width characters, collapse whitespace, strip."""
+    text = _CONTROL.sub(" ", unicodedata.normalize("NFC", text))
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if lowercase else text
+
+
+def clean(texts: list, labels: list, lowercase: bool = False) -> tuple[list[str], list, dict]:
+    """Clean rows and say what was dropped and why.
+
+    Drops rows whose text is missing or empty after cleaning, whose label is missing, exact
+    duplicates (same text and label, first kept) and texts that appear with conflicting labels
+    (all copies dropped: we cannot know which is right).
+    """
+    dropped = Counter()
+    kept: list[tuple[str, object]] = []
+    for text, label in zip(texts, labels):
+        if label is None or (isinstance(label, str) and not label.strip()) or (isinstance(label, float) and math.isnan(label)):
+            dropped["missing_label"] += 1
+            continue
+        if not isinstance(text, str):
+            dropped["missing_text"] += 1
+            continue
+        text = clean_text(text, lowercase)
+        if not text:
+            dropped["empty_text"] += 1
+            continue
+        kept.append((text, label))
+    labels_by_text: dict[str, set] = {}
+    for text, label in kept:
+        labels_by_text.setdefault(text, set()).add(_label_key(label))
+    seen: set[tuple] = set()
+    out_texts, out_labels = [], []
+    for text, label in kept:
+        if len(labels_by_text[text]) > 1:
+            dropped["conflicting_labels"] += 1
+            continue
+        key = (text, _label_key(label))
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        out_texts.append(text)
+        out_labels.append(label)
+    report = {"rows_in": len(texts), "rows_out": len(out_texts), "dropped": dict(sorted(dropped.items()))}
+    return out_texts, out_labels, report
+
+
+def _label_key(label) -> str:
+    return str(label).strip()
+
+
+# ---------------------------------------------------------------- labels
+
+
+def label_names(labels: list) -> list[str]:
+    """Sorted label names: numerically when every label is a whole number, else as text."""
+    keys = {_label_key(x) for x in labels}
+    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return sorted(keys, key=int)
+    return sorted(keys)
+
+
+def encode_labels(labels: list, names: list[str], role: str = "data") -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for row, label in enumerate(labels, 1):
+        key = _label_key(label)
+        if key not in index:
+            raise DataError(f"{role} row {row}: label '{key}' does not occur in the training data; known labels: {', '.join(names)}")
+        ids.append(index[key])
+    return ids
+
+
+def regression_targets(labels: list, role: str = "data") -> list[float]:
+    targets = []
+    for row, label in enumerate(labels, 1):
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            raise DataError(f"{role} row {row}: regression target {label!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{role} row {row}: regression target {label!r} is not a finite number")
+        targets.append(value)
+    return targets
+
+
+def check_classes(ids: list[int], names: list[str], min_rows: int) -> None:
+    counts = Counter(ids)
+    if len(counts) < 2:
+        only = names[ids[0]] if ids else "none"
+        raise DataError(f"train data has one class only ('{only}'); classification needs at least two")
+    small = {names[i]: c for i, c in counts.items() if c < min_rows}
+    if small:
+        listed = ", ".join(f"'{k}' ({v})" for k, v in sorted(small.items()))
+        raise DataError(f"too few rows per class: {listed}; each class needs at least {min_rows} (data.min_rows_per_class)")
+
+
+# ---------------------------------------------------------------- split
+
+
+def stratified_split(strata: list, seed: int, fractions=SPLIT_FRACTIONS) -> tuple[list[int], list[int], list[int]]:
+    """Seeded split of row indices into train/validation/test, keeping each stratum's share."""
+    rng = random.Random(seed)
+    by_stratum: dict = {}
+    for i, s in enumerate(strata):
+        by_stratum.setdefault(s, []).append(i)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for key in sorted(by_stratum, key=str):
+        idx = by_stratum[key]
+        rng.shuffle(idx)
+        n_val = round(len(idx) * fractions[1])
+        n_test = round(len(idx) * fractions[2])
+        parts[1].extend(idx[:n_val])
+        parts[2].extend(idx[n_val : n_val + n_test])
+        parts[0].extend(idx[n_val + n_test :])
+    return tuple(sorted(p) for p in parts)
+
+
+def regression_strata(targets: list[float], bins: int = 10) -> list[int]:
+    """Quantile bins of the target, so each split covers its whole range."""
+    edges = np.quantile(targets, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, targets, side="right").tolist()
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    targets: list  # class ids (int) or raw regression targets (float)
+
+
+@dataclass
+class Dataset:
+    task: str
+    label_names: list[str] | None  # None for regression
+    splits: dict[str, Split]  # train, validation, test (test may be absent)
+    report: dict = field(default_factory=dict)
+    target_mean: float | None = None
+    target_std: float | None = None
+
+
+def load_dataset(cfg) -> Dataset:
+    """Read, clean, label, check and split a dataset described by a DataConfig."""
+    regression = cfg.task.endswith("regression")
+    raw = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    cleaned, report = {}, {"task": cfg.task, "files": {k: v for k, v in raw.items() if v}, "cleaning": {}}
+    for role, path in raw.items():
+        if path is None:
+            continue
+        texts, labels = read_examples(path, cfg.text_column, cfg.label_column, role)
+        texts, labels, how = clean(texts, labels, cfg.lowercase)
+        if not texts:
+            raise DataError(f"{role} file '{path}' has no usable rows after cleaning: {how['dropped']}")
+        cleaned[role] = (texts, labels)
+        report["cleaning"][role] = how
+
+    names = None
+    if regression:
+        targets = {role: regression_targets(labels, role) for role, (_, labels) in cleaned.items()}
+    else:
+        names = label_names(cleaned["train"][1])
+        targets = {role: encode_labels(labels, names, role) for role, (_, labels) in cleaned.items()}
+        check_classes(targets["train"], names, cfg.min_rows_per_class)
+
+    splits = {role: Split(cleaned[role][0], targets[role]) for role in cleaned}
+    # Only what the user did not give is carved out of train, and a test split only when no validation
+    # file was given either: given files are used as they are.
+    missing = [] if "validation" in splits else [r for r in ("validation", "test") if r not in splits]
+    if missing:
+        fractions = SPLIT_FRACTIONS if len(missing) == 2 else (0.9, 0.1, 0.0)
+        train = splits["train"]
+        strata = regression_strata(train.targets) if regression else train.targets
+        parts = stratified_split(strata, cfg.split_seed, fractions)
+        new = {
+            role: Split([train.texts[i] for i in idx], [train.targets[i] for i in idx])
+            for role, idx in zip(("train", "validation", "test"), parts)
+        }
+        splits["train"] = new["train"]
+        for role in missing:
+            splits[role] = new[role]
+        report["split"] = {"seed": cfg.split_seed, "fractions": list(fractions), "carved_from_train": missing}
+    for role in ("train", "validation"):
+        if not splits[role].texts:
+            raise DataError(f"{role} split is empty; give more rows or a --{role} file")
+    if "test" in splits and not splits["test"].texts:
+        del splits["test"]
+
+    dataset = Dataset(cfg.task, names, splits, report)
+    if regression:
+        values = np.asarray(splits["train"].targets, dtype=np.float64)
+        dataset.target_mean = float(values.mean())
+        dataset.target_std = float(values.std()) or 1.0
+    report["rows"] = {role: len(s.texts) for role, s in splits.items()}
+    report["classes"] = class_report(dataset) if not regression else target_report(splits["train"].targets)
+    return dataset
+
+
+def class_report(dataset: Dataset) -> dict:
+    out = {}
+    for role, split in dataset.splits.items():
+        counts = Counter(split.targets)
+        out[role] = {dataset.label_names[i]: counts.get(i, 0) for i in range(len(dataset.label_names))}
+    train = [c for c in out["train"].values() if c]
+    out["imbalance_ratio"] = round(max(train) / min(train), 3)
+    return out
+
+
+def target_report(targets: list[float]) -> dict:
+    values = np.asarray(targets)
+    return {"train": {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}}
+
+
+def token_report(lengths: list[int], max_length: int) -> dict:
+    """Token-length percentiles (before truncation) and the share cut at max_length."""
+    values = np.asarray(lengths)
+    pct = {f"p{p}": int(np.percentile(values, p)) for p in (50, 90, 95, 99)}
+    return {**pct, "max": int(values.max()), "max_length": max_length, "truncated_share": round(float((values > max_length).mean()), 4)}
+
+
+# ---------------------------------------------------------------- tokenize and batch
+
+
+@dataclass
+class Encoded:
+    """Tokenized rows, unpadded: each batch is padded to its own longest row."""
+
+    features: dict[str, list[list[int]]]  # input_ids, attention_mask, token_type_ids (as the tokenizer gives)
+    targets: list
+    lengths: list[int]
+    pad_id: int
+
+
+def encode(tokenizer, texts: list[str], targets: list, max_length: int) -> tuple[Encoded, list[int]]:
+    """Tokenize without padding; returns the encoding and the untruncated lengths (for the report)."""
+    full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+    features = dict(tokenizer(texts, truncation=True, max_length=max_length))
+    features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    lengths = [len(ids) for ids in features["input_ids"]]
+    return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0), [len(x) for x in full]
+
+
+def batch_order(lengths: list[int], batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    """Row indices of every batch, a pure function of (seed, epoch) so a resumed run replays it exactly.
+
+    Length grouping shuffles, cuts the order into mega-batches of 50 batches, sorts each by length
+    and shuffles the resulting batches: batches hold similar lengths, yet every epoch differs.
+    """
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: -lengths[i]) if group_by_length else list(range(n))
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, n, mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def loader(encoded: Encoded, batches: list[list[int]], regression: bool) -> DataLoader:
+    """A DataLoader over precomputed batches, padding each to its longest row."""
+
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        width = max(encoded.lengths[i] for i in indices)
+        out = {}
+        for name, rows in encoded.features.items():
+            fill = encoded.pad_id if name == "input_ids" else 0
+            out[name] = torch.tensor([rows[i] + [fill] * (width - len(rows[i])) for i in indices], dtype=torch.long)
+        dtype = torch.float32 if regression else torch.long
+        out["labels"] = torch.tensor([encoded.targets[i] for i in indices], dtype=dtype)
+        return out
+
+    # The dataset is the row indices themselves; collate turns a batch of indices into padded tensors.
+    # Its own generator keeps the loader from drawing on the global RNG, so a resumed run's dropout
+    # masks match an uninterrupted run's.
+    return DataLoader(range(len(encoded.targets)), batch_sampler=batches, collate_fn=collate, generator=torch.Generator())

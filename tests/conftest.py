@@ -1,0 +1,71 @@
+"""Shared test assets: a tiny random BERT (fast) and small real data slices."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Keep every test's registry and job store out of the user's home."""
+    monkeypatch.setenv("FINETUNE_SERVE_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer: trains in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from finetune_core.model import resolve_base_model
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("default"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "terrible", "horrible", "dull", "poor"]
+FILLER = ["the", "movie", "was", "really", "quite", "plot", "acting", "film", "a", "very"]
+
+
+def toy_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable two-class sentiment set: the class is carried by one cue word among fillers."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        words = rng.choices(FILLER, k=rng.randint(2, 12)) + [cue]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def toy_train(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "toy_train.jsonl", toy_rows(240))
