@@ -154,7 +154,7 @@ class _ProgressBar:
             self.bar.set_postfix(loss=f"{event['loss']:.4f}", samples_s=f"{event['samples_per_second']:.0f}")
         elif kind == "eval" and self.bar:
             shown = {k: round(v, 4) for k, v in event["metrics"].items() if k in ("accuracy", "macro_f1", "loss", "r2")}
-            self.bar.write(f"epoch {event['epoch']} step {event['step']} validation {shown}")
+            self.bar.write(f"epoch {event['epoch']} step {event['step']} validation {shown}", file=sys.stderr)
         elif kind == "end" and self.bar:
             self.bar.update(event["step"] - self.bar.n)
 

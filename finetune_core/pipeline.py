@@ -14,6 +14,7 @@ Outputs in the run folder:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,8 @@ def run_training(cfg: JobConfig | None, output: str | Path, *, resume: bool = Fa
             raise ConfigError(f"resume: '{output}' has no config.json; it is not a run folder to resume")
         cfg = config_from_dict(json.loads(saved.read_text()))
     output.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _clear_previous_run(output)
     (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     started = time.perf_counter()
     tc = cfg.train
@@ -131,6 +134,19 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
         return metrics
     finally:
         sink.close()
+
+
+_RUN_OUTPUTS = ("model", "splits", "plots", "checkpoints", "tensorboard", "events.jsonl", "metrics.json", "data_report.json")
+
+
+def _clear_previous_run(output: Path) -> None:
+    """A fresh run into a used folder starts clean: stale checkpoints or events would mix with the new run."""
+    for name in _RUN_OUTPUTS:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _write_splits(dataset: D.Dataset, folder: Path) -> None:

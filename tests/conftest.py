@@ -69,3 +69,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def toy_train(tmp_path) -> Path:
     return write_jsonl(tmp_path / "toy_train.jsonl", toy_rows(240))
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> Path:
+    """The README's demo (`make demo`): real MiniLM, 2,000 SST-2 rows, one epoch, our defaults.
+
+    Session-scoped: the end-to-end tests of training, export and prediction share this one run.
+    """
+    import subprocess
+
+    run_dir = tmp_path_factory.mktemp("real") / "demo"
+    done = subprocess.run(["make", "-s", "demo", f"RUN_DIR={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir / "demo_stdout.txt").write_text(done.stdout)
+    return run_dir
