@@ -141,3 +141,13 @@ def test_split_files_round_trip_label_names(tmp_path):
     _write_splits(ds, tmp_path / "splits")
     first = json.loads((tmp_path / "splits" / "validation.jsonl").read_text().splitlines()[0])
     assert first["label"] in ("negative", "positive")
+
+
+def test_parquet_is_read_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = toy_rows(60)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    ds = D.load_dataset(DataConfig(train=str(tmp_path / "t.parquet")))
+    assert sum(ds.report["rows"].values()) == len({r["text"] for r in rows})

@@ -87,3 +87,25 @@ def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, toy_train, tiny_base):
     bf16 = run_training(job(toy_train, tiny_base, precision="bf16"), tmp_path / "bf16")
     assert bf16["train"]["precision"] == "bf16"
     assert abs(bf16["validation"]["accuracy"] - fp32["validation"]["accuracy"]) <= 0.05
+
+
+def test_text_regression_learns_a_numeric_target(tmp_path, tiny_base):
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(240):
+        k = i % 4
+        words = ["great"] * k + rng.choices(["the", "film", "plot", "was", "a"], k=rng.randint(2, 6))
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "score": 10.0 + 5.0 * k})  # learnable: 10 + 5 x (great count)
+    path = write_jsonl(tmp_path / "reg.jsonl", rows)
+    cfg = JobConfig(DataConfig(train=str(path), task="text-regression", text_column="sentence", label_column="score"),
+                    ModelConfig(base_model=str(tiny_base)),
+                    TrainConfig(epochs=8, batch_size=16, learning_rate=3e-3, precision="fp32", num_threads=1,
+                                early_stopping_metric="r2", early_stopping_patience=0))
+    metrics = run_training(cfg, tmp_path / "run")
+    assert {"mse", "mae", "r2", "pearson", "spearman"} <= set(metrics["validation"])
+    assert metrics["validation"]["r2"] > 0.7, metrics["validation"]
+    meta = json.loads((tmp_path / "run" / "model" / "finetune_serve.json").read_text())
+    assert meta["task"] == "text-regression" and meta["labels"] is None and 15 < meta["target_mean"] < 20
