@@ -76,6 +76,13 @@ def _unpack_bundled() -> Path:
     return target
 
 
+def bf16_supported() -> bool:
+    """bf16 is only worth running where the hardware does it natively: CUDA, or AVX512-BF16/AMX CPUs."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def build_model(base_model: str, labels: list[str] | None) -> tuple[nn.Module, object]:
     """Load tokenizer and model with a new head: one logit per label, or one output for regression."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

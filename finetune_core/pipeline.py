@@ -95,7 +95,7 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
     if tc.class_weights and not regression:
         weights = inverse_frequency_weights(encoded["train"].targets, len(dataset.label_names)).to(device)
     loss_fn = make_loss(regression, weights, tc.label_smoothing)
-    precision = pick_precision(tc.precision, device)
+    precision = pick_precision(tc.precision)
 
     def evaluate_split(role: str) -> dict:
         return evaluate(model, encoded[role], loss_fn, label_names=dataset.label_names, target_mean=dataset.target_mean,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, batch_order, loader
+from .model import bf16_supported
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
 EvalFn = Callable[[nn.Module], dict]  # model -> validation metrics, "loss" included
@@ -33,13 +34,11 @@ class FitResult:
     precision: str = "fp32"
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
+def pick_precision(requested: str) -> str:
     """bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
     if requested != "auto":
         return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if bf16_supported() else "fp32"
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -84,7 +83,7 @@ def fit(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> FitResult:
     device = next(model.parameters()).device
-    precision = pick_precision(cfg.precision, device)
+    precision = pick_precision(cfg.precision)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     batches_per_epoch = math.ceil(len(train.targets) / cfg.batch_size)

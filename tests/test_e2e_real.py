@@ -39,3 +39,37 @@ def test_the_evaluate_command_agrees_with_the_training_run(real_run):
 def test_the_demo_uses_the_data_shipped_in_the_repo():
     rows = (REPO / "examples" / "sst2_sample" / "train.jsonl").read_text().splitlines()
     assert len(rows) == 2000 and set(json.loads(rows[0])) == {"text", "label"}
+
+
+def test_export_registry_predict_on_the_real_fine_tuned_model(real_run, tmp_path):
+    """The demo run exported with every variant, each proved, registered, promoted and served by the CLI."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FINETUNE_SERVE_HOME": str(tmp_path / "home")}
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "finetune_core.cli", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    exported = cli("export", "--model", real_run / "model", "--name", "sst2-minilm")
+    variants = exported["variants"]
+    assert exported["version"] == "v1" and exported["proof"]["rows"] == 872
+    for name in ("onnx", "torchscript"):
+        assert variants[name]["accepted"] and variants[name]["proof"]["max_abs_diff"] <= 1e-4
+        assert variants[name]["proof"]["argmax_agreement"] == 1.0
+    reference = variants["pytorch"]["accuracy"]
+    for name in ("int8", "bf16"):
+        figures = variants[name]
+        drop = 100 * (reference - figures["accuracy"])
+        assert figures["accepted"] == (drop <= 1.0), figures["reason"]
+        assert figures["accuracy"] > 0.7  # none collapsed towards chance (onnxruntime issue 9599)
+
+    cli("models", "promote", "sst2-minilm", "v1")
+    served = cli("predict", "--model", "sst2-minilm:production", "a moving , funny and beautifully acted film",
+                 "a dull , lifeless mess")
+    assert [p["label"] for p in served["predictions"]] == ["positive", "negative"]
+    assert served["variant"] in ("int8", "onnx") and sum(served["predictions"][0]["scores"].values()) == pytest.approx(1.0)

@@ -1,0 +1,200 @@
+"""Predictors: texts in, labels and probabilities (or regression values) out.
+
+A predictor is a tokenizer, the model's metadata and a backend: a function from a tokenized batch
+to logits. Backends: ONNX Runtime (fp32 or int8 file), TorchScript, eager PyTorch in fp32 or bf16.
+`load_predictor` picks one for a registered version, falling back (with a log line saying why)
+when the machine cannot run the one asked for. Load once, predict many; safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import registry
+from .errors import ConfigError
+from .export import Batch, Forward, model_input_names
+from .model import META_FILE, bf16_supported
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("pytorch", "onnx", "torchscript", "int8", "bf16")
+# When no variant is asked for, the first accepted of these. int8 (accepted only within the accuracy
+# gate) was the fastest everywhere in bench/inference.py on 2 cores: 2.0-4.0x eager fp32 from batch 1
+# to 32, against 1.4-2.0x for bf16 and 0.9-2.1x for ONNX fp32; then the exact fp32 variants.
+DEFAULT_ORDER = ("int8", "onnx", "torchscript", "pytorch")
+# Rows per forward pass when predict() is given many texts: bounds memory, keeps CPU caches warm.
+CHUNK_SIZE = 32
+
+
+
+class Predictor(Protocol):
+    variant: str
+
+    def predict(self, texts: Sequence[str], top_k: int | None = None) -> list[dict]:
+        """One dict per text: {label, score, scores: {label: prob}} or, for regression, {value}."""
+        ...
+
+
+class TextPredictor:
+    """Tokenize (padding to the longest in each chunk, truncating at max_length), run, post-process."""
+
+    def __init__(self, tokenizer, meta: dict, backend: Forward, variant: str):
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.backend = backend
+        self.variant = variant
+        self.input_names = model_input_names(tokenizer)
+        # Fast tokenizers set truncation/padding on the shared Rust object for each call: unlocked,
+        # concurrent calls got each other's max_length (109 of 2400 in a test), so tokenization is
+        # serialised; it is the cheap part of a prediction.
+        self._tokenizer_lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                list(texts),
+                padding="longest",
+                truncation=True,
+                max_length=max_length or self.meta["max_length"],
+                return_tensors="np",
+            )
+        return {name: encoded[name].astype(np.int64) for name in self.input_names}
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        chunks = [self.backend(self.encode(texts[i : i + CHUNK_SIZE])) for i in range(0, len(texts), CHUNK_SIZE)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+
+    def predict(self, texts: Sequence[str], top_k: int | None = None) -> list[dict]:
+        if isinstance(texts, str):
+            raise ConfigError("predict: pass a list of texts, not a single string")
+        logits = self.logits(list(texts))
+        if self.meta["task"] == "text-regression":
+            return [{"value": v} for v in regression_values(logits, self.meta)]
+        return classification_results(logits, self.meta["labels"], top_k)
+
+
+def classification_results(logits: np.ndarray, labels: list[str], top_k: int | None) -> list[dict]:
+    """Softmax per row; `scores` holds the top_k labels (all when None), highest first."""
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k: must be >= 1, got {top_k}")
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    results = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[: top_k or len(labels)]
+        results.append({
+            "label": labels[order[0]],
+            "score": float(row[order[0]]),
+            "scores": {labels[i]: float(row[i]) for i in order},
+        })
+    return results
+
+
+def regression_values(logits: np.ndarray, meta: dict) -> list[float]:
+    """Undo the training-time standardisation of the target."""
+    values = logits[:, 0].astype(np.float64)
+    if meta.get("target_std") is not None:
+        values = values * meta["target_std"] + meta["target_mean"]
+    return [float(v) for v in values]
+
+
+def onnx_backend(path: str | Path, intra_op_threads: int = 0, inter_op_threads: int = 0) -> Forward:
+    """An ONNX Runtime session (CUDA provider when installed and usable, else CPU); 0 threads = ORT default."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    accepted = [i.name for i in session.get_inputs()]
+
+    def forward(batch: Batch) -> np.ndarray:
+        return session.run(["logits"], {name: batch[name] for name in accepted})[0]
+
+    return forward
+
+
+def torchscript_backend(path: str | Path, input_names: list[str]) -> Forward:
+    """A frozen TorchScript module taking the inputs positionally in `input_names` order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # known: TorchScript sits behind this one function
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def forward(batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            return module(*(torch.from_numpy(batch[name]) for name in input_names)).float().numpy()
+
+    return forward
+
+
+def eager_backend(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Forward:
+    """The transformers model itself, on CUDA when present. Converts `model` in place to `dtype`.
+
+    bf16 as weights (model.to(bfloat16)) rather than autocast: on MiniLM fine-tuned on SST-2, batch
+    32 x 128 tokens, 2 AVX512-BF16 cores, bf16 weights ran 81-102 seq/s, autocast 80-82, fp32 45-49,
+    all three at the same dev accuracy (84.40).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=device, dtype=dtype).eval()
+
+    def forward(batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            inputs = {name: torch.from_numpy(array).to(device) for name, array in batch.items()}
+            return model(**inputs).logits.float().cpu().numpy()
+
+    return forward
+
+
+def load_predictor(
+    info: registry.VersionInfo,
+    variant: str | None = None,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> TextPredictor:
+    """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
+    from transformers import AutoTokenizer
+
+    variants = info.manifest["variants"]
+    usable = [v for v in VARIANTS if variants.get(v, {}).get("accepted")]
+    if variant is None:
+        variant = next(v for v in DEFAULT_ORDER if v in usable)
+    elif variant not in VARIANTS:
+        raise ConfigError(f"variant '{variant}' is unknown; choose one of {', '.join(VARIANTS)}")
+    elif variant not in variants:
+        raise registry.NotFoundError(f"{info.ref} has no '{variant}' variant; it has {', '.join(usable)}")
+    elif not variants[variant]["accepted"]:
+        raise registry.RegistryError(
+            f"{info.ref}: the '{variant}' variant was refused at export ({variants[variant]['reason']}); "
+            f"use one of {', '.join(usable)}"
+        )
+    if variant == "bf16" and not bf16_supported():
+        fallback = next(v for v in DEFAULT_ORDER if v in usable)
+        log.warning("%s: bf16 asked for but this machine has no native bf16 (CUDA or AVX512-BF16/AMX CPU); using %s", info.ref, fallback)
+        variant = fallback
+
+    model_dir = registry.model_dir(info)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if variant in ("onnx", "int8"):
+        backend = onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads)
+    elif variant == "torchscript":
+        backend = torchscript_backend(registry.variant_file(info, variant), model_input_names(tokenizer))
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        backend = eager_backend(model, torch.bfloat16 if variant == "bf16" else torch.float32)
+    return TextPredictor(tokenizer, meta, backend, variant)

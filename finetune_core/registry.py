@@ -1,0 +1,312 @@
+"""The only code that knows where artifacts live: versions, their manifests and aliases.
+
+Layout under the root (env FINETUNE_SERVE_HOME, default ./.finetune-serve):
+
+    models/<name>/v<N>/            one immutable version: the model folder, variant files, manifest.json
+    models/<name>/v<N>.deleted     tombstone of a deleted version, so its number is never reused
+    models/<name>/production.json  the production alias and the versions it pointed at before
+    .incoming-*/                   a version being written; renamed into place when complete
+
+A version is copied into a temporary folder inside the root and renamed into place in one step,
+so a reader never sees half a version. `latest` is the highest version present; `production` is
+set by `promote`. Every file used by a predictor is checked against the sha256 in the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, FinetuneError
+
+log = logging.getLogger(__name__)
+
+ROOT_ENV = "FINETUNE_SERVE_HOME"
+DEFAULT_ROOT = ".finetune-serve"
+MANIFEST_FILE = "manifest.json"
+LATEST = "latest"
+PRODUCTION = "production"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME_MAX = 64
+_VERSION = re.compile(r"v([1-9][0-9]*)")
+
+
+class NotFoundError(FinetuneError):
+    """A model, version, alias or variant that does not exist (the service answers 404)."""
+
+
+class IntegrityError(FinetuneError):
+    """A stored file does not match the checksum its manifest recorded."""
+
+
+class RegistryError(FinetuneError):
+    """An operation the registry refuses, e.g. deleting the production version without force."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    manifest: dict
+    path: Path  # the version folder; read files through model_dir() and variant_file(), which verify them
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def validate_name(name: str) -> str:
+    """Refuse model names that could escape the root or surprise a shell or URL."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError("model name: must be a non-empty string")
+    if len(name) > _NAME_MAX or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"model name '{name[:80]}' is not allowed: use 1-{_NAME_MAX} characters from letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def parse_ref(text: str) -> tuple[str, str | None]:
+    """Split 'NAME[:VERSION|:production|:latest]' into (name, ref or None)."""
+    name, _, ref = text.partition(":")
+    validate_name(name)
+    if ref and ref not in (LATEST, PRODUCTION) and not _VERSION.fullmatch(ref):
+        raise ConfigError(f"'{text}': after ':' give a version like v3, or 'latest' or 'production'")
+    return name, ref or None
+
+
+def register(name: str, staging_dir: str | Path, manifest: dict) -> VersionInfo:
+    """Copy a staged version into the registry as the next version and return it.
+
+    Each variant's `file` (relative to staging_dir, a file or a folder) gets its size and sha256
+    recorded; the name, version and creation time are added to the manifest.
+    """
+    validate_name(name)
+    staging_dir = Path(staging_dir)
+    if not staging_dir.is_dir():
+        raise RegistryError(f"staging folder '{staging_dir}' does not exist; nothing to register")
+    variants = manifest.get("variants") or {}
+    for variant, entry in variants.items():
+        file = entry.get("file")
+        if file is not None and not (staging_dir / file).exists():
+            raise RegistryError(f"variant '{variant}': its file '{file}' is not in the staging folder {staging_dir}")
+    model_root = _model_root(name)
+    model_root.mkdir(parents=True, exist_ok=True)
+    incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root()))
+    try:
+        shutil.copytree(staging_dir, incoming, dirs_exist_ok=True)
+        recorded = dict(manifest, name=name, created=_now())
+        recorded["variants"] = {
+            variant: dict(entry, **_digest(incoming / entry["file"])) if entry.get("file") else dict(entry)
+            for variant, entry in variants.items()
+        }
+        version = _claim_version(model_root, incoming, recorded)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    log.info("registered %s:%s", name, version)
+    return resolve(name, version)
+
+
+def resolve(name: str, ref: str | None = None) -> VersionInfo:
+    """Find a version by 'vN', 'latest' or 'production'; None means production when set, else latest."""
+    versions = _existing_versions(name)
+    if ref is None:
+        ref = PRODUCTION if _production(name) else LATEST
+    if ref == LATEST:
+        version = versions[-1]
+    elif ref == PRODUCTION:
+        version = _production(name)
+        if version is None:
+            raise NotFoundError(f"model '{name}' has no production version yet; promote one with `finetune-serve models promote {name} VERSION`")
+    elif ref in versions:
+        version = ref
+    else:
+        raise NotFoundError(f"model '{name}' has no version '{ref}'; it has {', '.join(versions)}")
+    path = _model_root(name) / version
+    return VersionInfo(name=name, version=version, manifest=json.loads((path / MANIFEST_FILE).read_text()), path=path)
+
+
+def variant_file(info: VersionInfo, variant: str) -> Path:
+    """The path of a variant's file or folder, after checking it against the manifest's sha256."""
+    entry = info.manifest["variants"].get(variant)
+    if entry is None or not entry.get("file"):
+        raise NotFoundError(f"{info.ref} has no stored file for variant '{variant}'")
+    path = info.path / entry["file"]
+    found = _digest(path) if path.exists() else {"sha256": "missing"}
+    if found["sha256"] != entry["sha256"]:
+        raise IntegrityError(
+            f"{info.ref}: '{entry['file']}' does not match its manifest (sha256 {found['sha256'][:12]} != "
+            f"{entry['sha256'][:12]}); the file was changed or damaged. Re-export the model with "
+            f"`finetune-serve export` and delete this version"
+        )
+    return path
+
+
+def model_dir(info: VersionInfo) -> Path:
+    """The verified model folder (weights, tokenizer, finetune_serve.json) of a version."""
+    return variant_file(info, "pytorch")
+
+
+def promote(name: str, version: str) -> VersionInfo:
+    """Point `production` at a version, remembering the previous one for `rollback`."""
+    info = resolve(name, version)
+    alias = _read_production(name) or {"version": None, "history": []}
+    history = alias["history"]
+    if alias["version"] not in (None, info.version):
+        history = history + [alias["version"]]
+    _write_json_atomic(_model_root(name) / "production.json", {"version": info.version, "history": history})
+    log.info("promoted %s to production", info.ref)
+    return info
+
+
+def rollback(name: str) -> VersionInfo:
+    """Point `production` back at the version it pointed at before the last promote."""
+    validate_name(name)
+    alias = _read_production(name)
+    existing = set(_versions(name))
+    history = [v for v in (alias["history"] if alias else []) if v in existing]
+    if not history:
+        raise RegistryError(f"model '{name}' has no earlier production version to roll back to")
+    _write_json_atomic(_model_root(name) / "production.json", {"version": history[-1], "history": history[:-1]})
+    log.info("rolled %s production back to %s", name, history[-1])
+    return resolve(name, history[-1])
+
+
+def delete(name: str, version: str, force: bool = False) -> None:
+    """Delete one version; the production version only with force (which also clears the alias)."""
+    info = resolve(name, version)
+    if info.version == _production(name):
+        if not force:
+            raise RegistryError(
+                f"{info.ref} is the production version; promote another version first, or pass --force"
+            )
+        (_model_root(name) / "production.json").unlink()
+        log.warning("deleted the production version %s; %s has no production version now", info.ref, name)
+    # Rename first so readers see the whole version or none of it, then remove at leisure.
+    trash = Path(tempfile.mkdtemp(prefix=".deleting-", dir=root()))
+    tombstone = _model_root(name) / f"{info.version}.deleted"
+    tombstone.write_text(json.dumps({"deleted": _now()}))
+    os.rename(info.path, trash / info.version)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_models() -> list[dict]:
+    """Every model with its versions and aliases, sorted by name."""
+    models_dir = root() / "models"
+    if not models_dir.is_dir():
+        return []
+    out = []
+    for folder in sorted(models_dir.iterdir()):
+        versions = _versions(folder.name)
+        if versions:
+            out.append({"name": folder.name, "versions": versions, LATEST: versions[-1], PRODUCTION: _production(folder.name)})
+    return out
+
+
+def show(name: str, ref: str | None = None) -> dict:
+    """With a ref: that version's manifest and aliases. Without: a summary of every version."""
+    if ref is not None:
+        info = resolve(name, ref)
+        return dict(info.manifest, version=info.version, aliases=_aliases_of(name, info.version))
+    versions = _existing_versions(name)
+    summaries = []
+    for version in versions:
+        manifest = resolve(name, version).manifest
+        summaries.append({
+            "version": version,
+            "created": manifest.get("created"),
+            "aliases": _aliases_of(name, version),
+            "validation_accuracy": (manifest.get("validation_metrics") or {}).get("accuracy"),
+            "variants": {v: e.get("accepted") for v, e in manifest.get("variants", {}).items()},
+        })
+    return {"name": name, LATEST: versions[-1], PRODUCTION: _production(name), "versions": summaries}
+
+
+def _model_root(name: str) -> Path:
+    return root() / "models" / name
+
+
+def _versions(name: str) -> list[str]:
+    folder = _model_root(name)
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+    return sorted(found, key=lambda v: int(v[1:]))
+
+
+def _existing_versions(name: str) -> list[str]:
+    versions = _versions(validate_name(name))
+    if not versions:
+        raise NotFoundError(f"no model named '{name}' in the registry at {root()}; see `finetune-serve models list`")
+    return versions
+
+
+def _claim_version(model_root: Path, incoming: Path, manifest: dict) -> str:
+    # rename() onto an existing non-empty folder fails, so two writers never get the same number.
+    for _ in range(100):
+        taken = [int(m.group(1)) for p in model_root.iterdir() if (m := _VERSION.match(p.name))]
+        version = f"v{max(taken, default=0) + 1}"
+        (incoming / MANIFEST_FILE).write_text(json.dumps(dict(manifest, version=version), indent=2))
+        try:
+            os.rename(incoming, model_root / version)
+            return version
+        except OSError:
+            continue
+    raise RegistryError(f"could not claim a new version number under {model_root}; is another export looping?")
+
+
+def _digest(path: Path) -> dict:
+    """Size and sha256 of a file; for a folder, the sha256 of its sorted (relative path, sha256) list."""
+    if path.is_file():
+        return {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\0{_sha256_file(p)}\n" for p in files)
+    return {"size": sum(p.stat().st_size for p in files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_production(name: str) -> dict | None:
+    path = _model_root(name) / "production.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _production(name: str) -> str | None:
+    alias = _read_production(name)
+    return alias["version"] if alias else None
+
+
+def _aliases_of(name: str, version: str) -> list[str]:
+    versions = _versions(name)
+    aliases = [LATEST] if versions and versions[-1] == version else []
+    return aliases + ([PRODUCTION] if _production(name) == version else [])
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
