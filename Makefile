@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test test-fast bench clean
+.PHONY: install run demo serve test test-fast bench clean
 RUN_DIR ?= runs/demo
 
 install: $(STAMP)
@@ -23,6 +23,11 @@ demo: install
 	$(BIN)/finetune-serve train --train examples/sst2_sample/train.jsonl \
 		--validation examples/sst2_sample/validation.jsonl --epochs 1 --output $(RUN_DIR)
 	$(BIN)/finetune-serve evaluate --model $(RUN_DIR)/model --data examples/sst2_sample/validation.jsonl
+
+# The REST service (API + trainer) on localhost:$(PORT); jobs and models live in FINETUNE_SERVE_HOME.
+PORT ?= 3000
+serve: install
+	$(BIN)/bentoml serve service.bento:FinetuneServe --host 127.0.0.1 --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest -q -ra

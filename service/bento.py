@@ -1,0 +1,106 @@
+"""The BentoML services: `bentoml serve service.bento:FinetuneServe` from the repository root.
+
+FinetuneServe (CPU) serves the REST API (service.http, a FastAPI app mounted at /). Trainer asks
+for a GPU and runs one training job at a time in a child process (service.runner); without a GPU
+BentoML warns and it trains on the CPU, niced and with half the cores. The two share the job store
+in FINETUNE_SERVE_HOME; the API only wakes the trainer when it queues a job, so a trainer that is
+restarting loses nothing: it finds queued jobs on its next poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import bentoml
+
+from . import http
+from .jobs import open_store
+from .metrics import make_metrics
+from .predictors import Predictors
+from .runner import Runner
+
+log = logging.getLogger("service.bento")
+
+# How often a worker checks that the server that started it is still there.
+ORPHAN_CHECK_SECONDS = 2.0
+
+
+def exit_when_orphaned(what: str) -> None:
+    """BentoML starts each worker in its own session, so a SIGKILLed server leaves them running.
+
+    An orphaned trainer would keep claiming jobs next to the restarted server's trainer (and an
+    orphaned API worker would keep its socket), so a worker exits once its parent is gone; the
+    trainer's training child dies with it (PR_SET_PDEATHSIG) and its job resumes at the next start.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        log.error("%s: the server process %d is gone; exiting", what, parent)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+@bentoml.service(name="finetune-trainer", resources={"gpu": 1}, workers=1, traffic={"timeout": 30})
+class Trainer:
+    def __init__(self) -> None:
+        exit_when_orphaned("trainer")
+        self.store = open_store()
+        self.metrics = make_metrics()
+        self.runner = Runner(self.store, on_tick=self._tick, on_finished=self._finished)
+        self.runner.start()
+
+    @bentoml.api
+    def wake(self) -> dict:
+        """A job was queued: start it now rather than at the next poll."""
+        self.runner.wake()
+        return {"running": self.runner.current.id if self.runner.current else None}
+
+    @bentoml.api
+    def status(self) -> dict:
+        return {"running": self.runner.current.id if self.runner.current else None,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "alive": self.runner.alive()}
+
+    def __is_ready__(self) -> bool:
+        return self.runner.alive()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.runner.stop()
+
+    def _finished(self, job) -> None:
+        self.metrics.job_duration.labels(outcome=job.status).observe(job.finished_at - (job.started_at or job.created_at))
+
+    def _tick(self) -> None:
+        self.metrics.set_jobs(self.store.counts())
+        job = self.runner.current
+        live = ((self.store.get(job.id).metrics or {}).get("train") or {}) if job else {}
+        self.metrics.training_loss.set(live.get("loss") or 0.0)
+        self.metrics.training_samples_per_second.set(live.get("samples_per_second") or 0.0)
+
+
+@bentoml.asgi_app(http.app, path="/")
+@bentoml.service(name="finetune-serve", workers=1, traffic={"timeout": 300})
+class FinetuneServe:
+    trainer = bentoml.depends(Trainer)
+
+    def __init__(self) -> None:
+        exit_when_orphaned("api")
+        metrics = make_metrics()
+        http.app.state.context = http.Context(
+            store=open_store(),
+            predictors=Predictors(on_load=metrics.model_load.observe),
+            metrics=metrics,
+            wake_trainer=self._wake_trainer,
+        )
+
+    async def _wake_trainer(self) -> None:
+        try:
+            await self.trainer.to_async.wake()
+        except Exception as err:  # the job is stored; the trainer's poll finds it
+            log.warning("could not wake the trainer (%s); it will pick the job up on its next poll", err)

@@ -1,0 +1,145 @@
+"""The trainer's loop: one job at a time, each in a child process it supervises.
+
+At start it recovers jobs a previous server left running (they resume from their last checkpoint).
+Then it claims queued jobs one by one and runs `python -m service.train_job` for each. When the
+child exits without recording an outcome (a crash, an out-of-memory kill) the job fails with the
+reason; a job whose cancel was asked for but does not stop within the grace period is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.jobs import CANCELLED, FAILED, MAX_ATTEMPTS, RUNNING, TERMINAL, Job, JobStore
+
+log = logging.getLogger("service.runner")
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# How long a running job may ignore a cancel request (it is polled once per optimizer step).
+CANCEL_GRACE_SECONDS = 30.0
+# How long a child gets to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE_SECONDS = 5.0
+
+
+class Runner:
+    def __init__(self, store: JobStore, *, poll_seconds: float = 1.0, cancel_grace_seconds: float = CANCEL_GRACE_SECONDS,
+                 max_attempts: int = MAX_ATTEMPTS, on_tick: Callable[[], None] = lambda: None,
+                 on_finished: Callable[[Job], None] = lambda job: None):
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self.max_attempts = max_attempts
+        self.on_tick = on_tick
+        self.on_finished = on_finished
+        self.current: Job | None = None
+        self._child: subprocess.Popen | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> list[str]:
+        """Recover interrupted jobs, then run queued jobs in a background thread; returns the recovered ids."""
+        recovered = self.store.recover(self.max_attempts)
+        if recovered:
+            log.warning("re-queued %d job(s) left running by a previous server: %s", len(recovered), ", ".join(recovered))
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+        return recovered
+
+    def wake(self) -> None:
+        """A job was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def child_pid(self) -> int | None:
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking jobs and end the running child; its job stays `running` and resumes at the next start."""
+        self._stopping.set()
+        self._wake.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            _end(child, TERMINATE_GRACE_SECONDS)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.on_tick()
+                job = self.store.claim_next()
+                if job is not None:
+                    self._run(job)
+                    continue
+            except Exception:  # the loop must outlive any one failure (e.g. a locked or full disk); it retries
+                log.exception("job runner: unexpected error; retrying in %.0fs", self.poll_seconds)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def _run(self, job: Job) -> None:
+        log.info("starting %s (attempt %d)", job.id, job.attempt)
+        self.current = job
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
+                   TOKENIZERS_PARALLELISM="false")
+        self._child = child = subprocess.Popen(
+            [sys.executable, "-m", "service.train_job", job.id, str(job.attempt), str(os.getpid())],
+            cwd=PACKAGE_ROOT, env=env,
+        )
+        try:
+            cancel_seen = None
+            while child.poll() is None:
+                self.on_tick()
+                if self._stopping.wait(self.poll_seconds):
+                    _end(child, TERMINATE_GRACE_SECONDS)
+                    return  # the job stays running and resumes at the next start
+                if cancel_seen is None and self.store.cancel_requested(job.id):
+                    cancel_seen = time.monotonic()
+                if cancel_seen is not None and time.monotonic() - cancel_seen > self.cancel_grace_seconds:
+                    log.warning("%s did not stop within %.0fs of its cancel; killing it", job.id, self.cancel_grace_seconds)
+                    _end(child, TERMINATE_GRACE_SECONDS)
+            self._settle(job, child.returncode)
+            final = self.store.get(job.id)
+            if final is not None and final.status in TERMINAL:
+                self.on_finished(final)
+        finally:
+            self._child = None
+            self.current = None
+
+    def _settle(self, job: Job, returncode: int) -> None:
+        """A child that exited with the job still running did not finish it: record why."""
+        now = self.store.get(job.id)
+        if now is None or now.status != RUNNING or now.attempt != job.attempt:
+            return
+        if now.cancel_requested:
+            self.store.finish(job.id, job.attempt, CANCELLED, error=None)
+            return
+        self.store.finish(job.id, job.attempt, FAILED, error=exit_reason(returncode))
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        hint = " (the out-of-memory killer sends SIGKILL: try a smaller batch_size or max_length)" if returncode == -signal.SIGKILL else ""
+        return f"the training process was killed by {name}{hint}"
+    return f"the training process exited with code {returncode} before recording a result; see the trainer's log"
+
+
+def _end(child: subprocess.Popen, grace: float) -> None:
+    child.terminate()
+    try:
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(grace)

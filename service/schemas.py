@@ -1,0 +1,140 @@
+"""The HTTP schema: pydantic request models, converted at once into the core's own types.
+
+Fields that choose code are Literal enums. `job_spec` turns a FinetuneRequest into the stored job
+spec (a validated JobConfig as a dict plus the model name and variants); a ConfigError is re-worded
+to name the request field (`hyperparameters.epochs`, not the core's `train.epochs`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune_core.config import config_from_dict
+from finetune_core.errors import ConfigError
+from finetune_core.registry import validate_name
+
+# Inputs one /predict call may carry; more is a 413.
+MAX_PREDICT_INPUTS = 256
+DEFAULT_VARIANTS = ["onnx", "int8"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Strict):
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    max_length: int | None = None
+    freeze: str | None = Field(None, description="none | embeddings | bottom:N | all-but-head")
+    early_stopping_patience: int | None = None
+    early_stopping_metric: Literal["accuracy", "macro_f1", "loss", "mse", "mae", "r2"] | None = None
+    weight_decay: float | None = None
+    optimizer: Literal["adamw", "adam", "sgd"] | None = None
+    schedule: Literal["linear", "cosine", "constant"] | None = None
+    warmup_ratio: float | None = None
+    max_grad_norm: float | None = None
+    gradient_accumulation: int | None = None
+    precision: Literal["auto", "fp32", "bf16"] | None = None
+    class_weights: bool | None = None
+    label_smoothing: float | None = None
+    eval_every_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int | None = None
+    seed: int | None = None
+    num_threads: int | None = Field(None, description="CPU threads for training; default: half the cores")
+    split_seed: int | None = None
+    min_rows_per_class: int | None = None
+
+
+class FinetuneRequest(Strict):
+    task: Literal["text-classification", "text-regression"] = "text-classification"
+    base_model: str = Field("default", description='"default" (bundled MiniLM), a local folder or a hub id')
+    train: str = Field(description="a dataset id from POST /datasets")
+    validation: str | None = None
+    test: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    variants: list[Literal["onnx", "int8", "torchscript", "bf16"]] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    model_name: str
+
+
+class PredictRequest(Strict):
+    model: str | None = Field(None, description="a registered model name; optional when only one model exists")
+    version: str | None = Field(None, description="vN, 'production' or 'latest' (default: production, else latest)")
+    variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
+    inputs: list[str]
+    top_k: int | None = Field(None, ge=1)
+
+
+class EvaluateRequest(Strict):
+    model: str
+    version: str | None = None
+    variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
+    data: str = Field(description="a dataset id from POST /datasets")
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class PromoteRequest(Strict):
+    version: str = Field(description="the version to make the production one, e.g. v3")
+
+
+class FieldError(ConfigError):
+    """A ConfigError that knows which request field it is about."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# Where each core config field comes from in the request.
+_DATA_FIELDS = {"train": "train", "validation": "validation", "test": "test", "text_column": "text_column",
+                "label_column": "label_column", "task": "task"}
+_MODEL_FIELDS = {"base_model": "base_model"}
+_CORE_FIELD = re.compile(r"^(data|model|train)\.([a-z_]+):\s*|^(freeze):\s*")
+
+
+def request_field(core_field: str) -> str:
+    """The request field a core config field (`train.epochs`, `data.train`) comes from."""
+    section, _, name = core_field.partition(".")
+    if section == "data" and name in _DATA_FIELDS:
+        return _DATA_FIELDS[name]
+    if section == "model" and name in _MODEL_FIELDS:
+        return _MODEL_FIELDS[name]
+    return f"hyperparameters.{name}"
+
+
+def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str]) -> dict:
+    """Validate a fine-tune request through the core's config and return the job spec to store."""
+    try:
+        validate_name(request.model_name)
+    except ConfigError as err:
+        raise FieldError("model_name", f"model_name: {err}") from None
+    hp = request.hyperparameters.model_dump(exclude_none=True)
+    data = {"task": request.task, **dataset_paths}
+    for name in ("text_column", "label_column"):
+        if getattr(request, name) is not None:
+            data[name] = getattr(request, name)
+    for name in ("max_length", "split_seed", "min_rows_per_class"):
+        if name in hp:
+            data[name] = hp.pop(name)
+    model = {"base_model": request.base_model}
+    if "freeze" in hp:
+        model["freeze"] = hp.pop("freeze")
+    try:
+        cfg = config_from_dict({"data": data, "model": model, "train": hp})
+    except ConfigError as err:
+        message = str(err)
+        match = _CORE_FIELD.match(message)
+        if match is None:
+            raise FieldError(None, message) from None
+        core = f"{match.group(1)}.{match.group(2)}" if match.group(1) else f"model.{match.group(3)}"
+        field = request_field(core)
+        raise FieldError(field, f"{field}: {message[match.end():]}") from None
+    return {"config": cfg.to_dict(), "model_name": request.model_name, "variants": list(dict.fromkeys(request.variants))}

@@ -1,0 +1,140 @@
+"""A real `bentoml serve` on a free loopback port, and small HTTP helpers for the service tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = Path(sys.executable).with_name("bentoml")
+START_DEADLINE_SECONDS = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve service.bento:FinetuneServe` in its own process group; `kill()` ends the whole group."""
+
+    def __init__(self, home: Path, log: Path, env: dict | None = None):
+        self.home, self.log_path = home, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, FINETUNE_SERVE_HOME=str(home), BENTOML_DO_NOT_TRACK="true", **(env or {}))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(BENTOML), "serve", "service.bento:FinetuneServe", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + START_DEADLINE_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"the server was not ready within {START_DEADLINE_SECONDS}s:\n{self.tail()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the server and every process under it (BentoML puts each worker in its own session).
+
+        With SIGKILL this is a crash of the whole machine's share: server, workers, training child.
+        """
+        if self.process is None:
+            return
+        tree = [self.process.pid] + descendants(self.process.pid)
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        _wait_gone(tree, 20)
+        self.process = None
+        self.log.close()
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, read from /proc (children of children too)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_gone(pids: list[int], seconds: float) -> None:
+    """Wait until none of pids is alive (zombies of ours are reaped by their own parents)."""
+    deadline = time.monotonic() + seconds
+    living = list(pids)
+    while living and time.monotonic() < deadline:
+        living = [p for p in living if alive(p)]
+        time.sleep(0.2)
+    for pid in living:
+        os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def upload(client: httpx.Client, rows: list[dict], name: str = "data.jsonl") -> dict:
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    response = client.post("/datasets", files={"file": (name, body)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_job(client: httpx.Client, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+
+def finetune_body(tiny_base: Path, train_id: str, model_name: str = "toy", **hyper) -> dict:
+    # The core's own tests show the tiny BERT learning the cue-word task with these settings.
+    hyperparameters = {"epochs": 6, "learning_rate": 2e-3, "num_threads": 1, "batch_size": 16, "max_length": 32,
+                       "precision": "fp32", "seed": 1, "early_stopping_patience": 0, **hyper}
+    return {"base_model": str(tiny_base), "train": train_id, "model_name": model_name, "variants": ["onnx"],
+            "hyperparameters": hyperparameters}

@@ -1,0 +1,70 @@
+"""SIGKILL the whole server (workers and training child) mid-job, restart it, and lose nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+from conftest import toy_rows
+from service_helpers import Server, alive, descendants, finetune_body, upload, wait_for_job
+
+from service.jobs import SqliteJobStore
+
+CHECKPOINT_EVERY = 5
+
+
+def test_sigkill_during_a_job_then_restart_resumes_it_and_runs_the_queue(tmp_path, tiny_base):
+    home = tmp_path / "home"
+    first = Server(home, tmp_path / "first.log").start()
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as client:
+            train = upload(client, toy_rows(240))
+            long_body = finetune_body(tiny_base, train["id"], model_name="resumed", epochs=30, batch_size=8,
+                                      checkpoint_every_steps=CHECKPOINT_EVERY, log_every_steps=CHECKPOINT_EVERY)
+            long_id = client.post("/finetune", json=long_body).json()["id"]
+            queued_id = client.post("/finetune", json=finetune_body(tiny_base, train["id"], model_name="queued",
+                                                                     epochs=1)).json()["id"]
+            step_before = 0
+            deadline = time.monotonic() + 120
+            while step_before < 4 * CHECKPOINT_EVERY and time.monotonic() < deadline:
+                step_before = client.get(f"/jobs/{long_id}").json()["step"] or 0
+                time.sleep(0.3)
+            assert step_before >= 4 * CHECKPOINT_EVERY, "the job never got going"
+        # SIGKILL the server process alone: its workers (each in its own session) and the training
+        # child must notice and exit by themselves, or they would compete with the next server.
+        left_behind = descendants(first.process.pid)
+        assert len(left_behind) >= 3  # API worker, trainer worker, training child
+        os.kill(first.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in left_behind) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in left_behind if alive(p)], "processes outlived the killed server"
+    finally:
+        first.kill(signal.SIGKILL)
+
+    store = SqliteJobStore(home / "jobs.sqlite3")  # what a crash leaves: one job running, one queued
+    assert store.get(long_id).status == "running" and store.get(queued_id).status == "queued"
+
+    second = Server(home, tmp_path / "second.log").start()
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as client:
+            resumed = wait_for_job(client, long_id, timeout=240)
+            assert resumed["status"] == "succeeded", resumed
+            assert resumed["attempt"] == 2 and resumed["model"] == {"name": "resumed", "version": "v1"}
+            events = client.get(f"/jobs/{long_id}/events", params={"limit": 500}).json()["events"]
+            types = [e["type"] for e in events]
+            assert "recovered" in types and "resuming" in types
+            starts = [e for e in events if e["type"] == "start"]
+            assert len(starts) == 2 and not starts[0]["resumed"] and starts[1]["resumed"]
+            # It went on from its last checkpoint, not from scratch.
+            assert starts[1]["step"] >= (step_before // CHECKPOINT_EVERY) * CHECKPOINT_EVERY > 0
+            assert resumed["metrics"]["validation"]["accuracy"] >= 0.9
+
+            queued = wait_for_job(client, queued_id, timeout=120)
+            assert queued["status"] == "succeeded" and queued["attempt"] == 1
+            answer = client.post("/predict", json={"model": "resumed", "inputs": ["great film", "awful plot"]}).json()
+            assert [p["label"] for p in answer["predictions"]] == ["positive", "negative"]
+    finally:
+        second.kill(signal.SIGKILL)

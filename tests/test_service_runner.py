@@ -1,0 +1,72 @@
+"""The trainer's runner without BentoML: real child processes, a crash, bad data, thread and priority limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from conftest import toy_rows, write_jsonl
+
+from service.jobs import SqliteJobStore
+from service.runner import Runner, exit_reason
+from service.schemas import FinetuneRequest, job_spec
+from service.train_job import DEFAULT_NICE, run_dir_of, training_threads
+
+
+def _spec(tiny_base, train_path, **hyper) -> dict:
+    request = FinetuneRequest(base_model=str(tiny_base), train="ds-unused", model_name="toy", variants=["onnx"],
+                              hyperparameters={"epochs": 1, "batch_size": 8, "max_length": 32, "precision": "fp32", **hyper})
+    return job_spec(request, {"train": str(train_path)})
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def runner(tmp_path):
+    running = Runner(SqliteJobStore(tmp_path / "home" / "jobs.sqlite3"), poll_seconds=0.2)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_a_killed_child_fails_its_job_with_the_reason_and_ran_niced_with_capped_threads(runner, tiny_base, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
+    job = runner.store.create(_spec(tiny_base, train, epochs=300))  # num_threads left to the service
+    _wait(lambda: (runner.store.get(job.id).step or 0) > 0, 90, "training steps")
+    pid = runner.child_pid()
+    assert pid is not None and pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + DEFAULT_NICE)
+    saved = json.loads((run_dir_of(job.id) / "config.json").read_text())
+    assert saved["train"]["num_threads"] == training_threads()
+    os.kill(pid, signal.SIGKILL)
+    failed = _wait(lambda: (j := runner.store.get(job.id)).status == "failed" and j, 30, "the job to fail")
+    assert "killed by SIGKILL" in failed.error and "out-of-memory" in failed.error
+    assert runner.alive()  # the runner outlives its child
+
+
+def test_bad_data_fails_with_the_core_message_and_the_next_job_still_runs(runner, tiny_base, tmp_path):
+    missing = runner.store.create(_spec(tiny_base, tmp_path / "nowhere.jsonl"))
+    one_class = write_jsonl(tmp_path / "one.jsonl", [{"text": f"row {i}", "label": "a"} for i in range(20)])
+    single = runner.store.create(_spec(tiny_base, one_class))
+    runner.wake()
+    first = _wait(lambda: (j := runner.store.get(missing.id)).status == "failed" and j, 90, "the first job")
+    assert "does not exist" in first.error
+    second = _wait(lambda: (j := runner.store.get(single.id)).status == "failed" and j, 90, "the second job")
+    assert "one class only" in second.error
+
+
+def test_exit_reasons_are_for_people():
+    assert "SIGKILL" in exit_reason(-9) and "batch_size" in exit_reason(-9)
+    assert exit_reason(-15) == "the training process was killed by SIGTERM"
+    assert "exited with code 3" in exit_reason(3)
