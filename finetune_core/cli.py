@@ -1,4 +1,4 @@
-"""The `finetune-serve` command line: train and evaluate (export, predict and models come from artifacts_cli)."""
+"""The `finetune-serve` command line: train and evaluate here; export, predict and models in artifacts_cli."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from .artifacts_cli import add_commands
 from .errors import FinetuneError
 
 DEFAULT_CONFIG_HELP = "defaults live in finetune_core/config.py"
@@ -62,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=128)
     ev.set_defaults(handler=cmd_evaluate)
 
-    try:
-        from .artifacts_cli import add_commands
-    except ImportError:  # artifacts_cli lands with the export issue
-        add_commands = None
-    if add_commands:
-        add_commands(commands)
+    add_commands(commands)  # export, predict, models
     return parser
 
 
@@ -92,12 +88,20 @@ def cmd_train(args) -> int:
         cfg = config_from_dict(merge(raw, flags))
         output, resume = args.output, False
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def request_stop(*_):
+        """First SIGTERM/Ctrl-C: stop at the next step and save a checkpoint. A second: stop now."""
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = None if args.quiet else _ProgressBar()
     try:
         metrics = run_training(cfg, output, resume=resume, on_event=bar, should_stop=stop.is_set)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar:
             bar.close()
     if metrics["train"]["status"] == "cancelled":

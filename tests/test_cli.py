@@ -52,3 +52,28 @@ def test_train_with_config_file_then_evaluate_then_resume(tmp_path, tiny_base):
     resumed = cli("train", "--resume", run, "--quiet")  # a finished run resumes to the same result
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["train"]["steps"] == summary["train"]["steps"]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_base):
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", toy_rows(400))
+    run = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model: {{base_model: {tiny_base}}}\ntrain: {{epochs: 6, num_threads: 1, batch_size: 8, "
+                      "early_stopping_patience: 0, log_every_steps: 1, checkpoint_every_steps: 0}\n")
+    proc = subprocess.Popen([*CLI, "train", "--train", str(data), "--config", str(config), "--output", str(run), "--quiet"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"type": "step"' not in ((run / "events.jsonl").read_text() if (run / "events.jsonl").exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert f"finetune-serve train --resume {run}" in err and "Traceback" not in err
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / "model").exists()
+
+    resumed = cli("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["train"]["epochs_run"] == 6
