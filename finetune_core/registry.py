@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def register(name: str, staging_dir: str | Path, manifest: dict) -> VersionInfo:
             raise RegistryError(f"variant '{variant}': its file '{file}' is not in the staging folder {staging_dir}")
     model_root = _model_root(name)
     model_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch()
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root()))
     try:
         shutil.copytree(staging_dir, incoming, dirs_exist_ok=True)
@@ -253,6 +255,19 @@ def _existing_versions(name: str) -> list[str]:
     if not versions:
         raise NotFoundError(f"no model named '{name}' in the registry at {root()}; see `finetune-serve models list`")
     return versions
+
+
+# A register or delete takes seconds; scratch folders this old were left by a killed process.
+STALE_SCRATCH_SECONDS = 3600
+
+
+def _remove_stale_scratch() -> None:
+    """Remove .incoming-*/.deleting-* folders that a hard kill left behind (readers never look at them)."""
+    cutoff = time.time() - STALE_SCRATCH_SECONDS
+    for pattern in (".incoming-*", ".deleting-*"):
+        for folder in root().glob(pattern):
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _claim_version(model_root: Path, incoming: Path, manifest: dict) -> str:

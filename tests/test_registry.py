@@ -197,3 +197,17 @@ def test_cli_main_reports_registry_errors_in_one_line_with_exit_2(tmp_path, caps
 
     assert main(["models", "show", "nope"]) == 2
     assert capsys.readouterr().err.strip() == f"error: no model named 'nope' in the registry at {tmp_path / 'home'}; see `finetune-serve models list`"
+
+
+def test_scratch_left_by_a_killed_process_is_removed_once_stale(tmp_path):
+    import os
+    import time
+
+    registry.root().mkdir(parents=True, exist_ok=True)
+    stale, fresh = registry.root() / ".incoming-old", registry.root() / ".deleting-new"
+    for folder in (stale, fresh):
+        (folder / "v1").mkdir(parents=True)
+    old = time.time() - registry.STALE_SCRATCH_SECONDS - 60
+    os.utime(stale, (old, old))
+    _register(tmp_path)
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to a register in progress
