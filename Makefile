@@ -1,11 +1,13 @@
-# Two commands on a fresh clone: `make run` and `make test`.
+# Two commands on a fresh clone: `make run` (the REST service) and `make test`; `make demo` is the CLI demo.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo serve test test-fast bench clean
+.PHONY: install run demo serve bento test test-fast bench clean
 RUN_DIR ?= runs/demo
+# BentoML's usage tracking off unless set: the service and its build need no network.
+export BENTOML_DO_NOT_TRACK ?= true
 
 install: $(STAMP)
 
@@ -15,19 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the service lands, `make run` is the CLI demo.
-run: demo
-
 # The CLI demo: fine-tune the bundled MiniLM on 2,000 SST-2 rows shipped in the repo, then evaluate it.
 demo: install
 	$(BIN)/finetune-serve train --train examples/sst2_sample/train.jsonl \
 		--validation examples/sst2_sample/validation.jsonl --epochs 1 --output $(RUN_DIR)
 	$(BIN)/finetune-serve evaluate --model $(RUN_DIR)/model --data examples/sst2_sample/validation.jsonl
 
-# The REST service (API + trainer) on localhost:$(PORT); jobs and models live in FINETUNE_SERVE_HOME.
+# The REST service (API + trainer) on localhost:$(PORT) with embedded defaults: SQLite job store and
+# model registry under FINETUNE_SERVE_HOME (default ./.finetune-serve), the bundled MiniLM as base model.
+# `serve` is the same target under its older name.
 PORT ?= 3000
-serve: install
+run serve: install
 	$(BIN)/bentoml serve service.bento:FinetuneServe --host 127.0.0.1 --port $(PORT)
+
+# The packaged service: a Bento in BENTOML_HOME (default ~/bentoml), built offline from bentofile.yaml.
+bento: install
+	$(BIN)/bentoml build .
 
 test: install
 	$(BIN)/python -m pytest -q -ra

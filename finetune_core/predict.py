@@ -108,13 +108,20 @@ def regression_values(logits: np.ndarray, meta: dict) -> list[float]:
     return [float(v) for v in values]
 
 
-def onnx_backend(path: str | Path, intra_op_threads: int = 0, inter_op_threads: int = 0) -> Forward:
-    """An ONNX Runtime session (CUDA provider when installed and usable, else CPU); 0 threads = ORT default."""
+def onnx_backend(path: str | Path, intra_op_threads: int = 0, inter_op_threads: int = 0,
+                 allow_spinning: bool = True) -> Forward:
+    """An ONNX Runtime session (CUDA provider when installed and usable, else CPU); 0 threads = ORT default.
+
+    allow_spinning=False makes idle intra-op threads sleep instead of busy-waiting for the next run:
+    a server needs that CPU for its own requests.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    if not allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -163,6 +170,7 @@ def load_predictor(
     variant: str | None = None,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
+    allow_spinning: bool = True,
 ) -> TextPredictor:
     """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
     from transformers import AutoTokenizer
@@ -189,7 +197,8 @@ def load_predictor(
     meta = json.loads((model_dir / META_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if variant in ("onnx", "int8"):
-        backend = onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads)
+        backend = onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads,
+                               allow_spinning)
     elif variant == "torchscript":
         backend = torchscript_backend(registry.variant_file(info, variant), model_input_names(tokenizer))
     else:

@@ -84,8 +84,19 @@ class Trainer:
         self.metrics.training_samples_per_second.set(live.get("samples_per_second") or 0.0)
 
 
+API_WORKERS_ENV = "FINETUNE_SERVE_API_WORKERS"
+
+
+def api_workers() -> int:
+    """API worker processes, each with its own loaded predictors: FINETUNE_SERVE_API_WORKERS, else 1."""
+    raw = os.environ.get(API_WORKERS_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{API_WORKERS_ENV}={raw!r}: give the number of API worker processes, a whole number >= 1")
+    return int(raw)
+
+
 @bentoml.asgi_app(http.app, path="/")
-@bentoml.service(name="finetune-serve", workers=1, traffic={"timeout": 300})
+@bentoml.service(name="finetune-serve", workers=api_workers(), traffic={"timeout": 300})
 class FinetuneServe:
     trainer = bentoml.depends(Trainer)
 

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from finetune_core import registry
 from finetune_core.errors import ConfigError, DataError, FinetuneError
 
-from . import datasets
+from . import datasets, v2
+from .batching import Batcher, batcher_from_env
 from .evaluation import evaluate_file
 from .jobs import TERMINAL, JobStore
 from .metrics import Metrics
@@ -34,6 +36,8 @@ from .train_job import run_dir_of
 log = logging.getLogger("service.http")
 
 API_KEY_ENV = "FINETUNE_SERVE_API_KEY"
+# Health checks stay open with an API key set, as /livez, /readyz and /metrics (served by BentoML) do.
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 # JSON bodies larger than this are refused with 413 (uploads have their own, larger limit).
 MAX_JSON_BODY = 1 << 20
 ARTIFACTS = {"curves.png": "plots/curves.png", "confusion.png": "plots/confusion.png", "data_report.json": "data_report.json"}
@@ -147,7 +151,8 @@ def _job(store: JobStore, job_id: str):
 
 
 @app.post("/predict")
-def predict(body: PredictRequest, request: Request) -> dict:
+async def predict(body: PredictRequest, request: Request) -> dict:
+    """Concurrent requests for one model version and variant share forward passes (service.batching)."""
     ctx = context(request)
     started = time.perf_counter()
     variant = body.variant or "default"
@@ -158,10 +163,13 @@ def predict(body: PredictRequest, request: Request) -> dict:
         if len(body.inputs) > MAX_PREDICT_INPUTS:
             raise HTTPError(413, f"inputs: {len(body.inputs)} texts; at most {MAX_PREDICT_INPUTS} per request", "inputs")
         name = body.model or only_model()
-        info, predictor = _predictor(ctx, name, body.version, body.variant)
+        # A predictor in memory is used at once; loading one takes seconds, so it happens off the event loop.
+        info, predictor = (_predictor(ctx, name, body.version, body.variant, load=False)
+                           or await run_in_threadpool(_predictor, ctx, name, body.version, body.variant))
         model_label = ctx.metrics.model_label(info.name)
         variant = predictor.variant
-        predictions = predictor.predict(body.inputs, body.top_k)
+        predictions = await _batcher(request, ctx).predict((info.name, info.version, body.variant), predictor,
+                                                           body.inputs, body.top_k)
     except Exception:
         ctx.metrics.predictions.labels(model=model_label, variant=variant, outcome="error").inc()
         raise
@@ -169,6 +177,14 @@ def predict(body: PredictRequest, request: Request) -> dict:
     ctx.metrics.prediction_latency.labels(variant=variant).observe(time.perf_counter() - started)
     ctx.metrics.prediction_batch.observe(len(body.inputs))
     return {"model": {"name": info.name, "version": info.version}, "variant": predictor.variant, "predictions": predictions}
+
+
+def _batcher(request: Request, ctx: Context) -> Batcher:
+    """The worker's one Batcher, made on first use inside its event loop; sized by FINETUNE_SERVE_MAX_BATCH/_WAIT_MS."""
+    state = request.app.state
+    if getattr(state, "batcher", None) is None:
+        state.batcher = batcher_from_env(on_batch=ctx.metrics.inference_batch.observe)
+    return state.batcher
 
 
 @app.post("/evaluate")
@@ -180,8 +196,11 @@ def evaluate(body: EvaluateRequest, request: Request) -> dict:
     return {"model": {"name": info.name, "version": info.version}, "variant": predictor.variant, **figures}
 
 
-def _predictor(ctx: Context, name: str, version: str | None, variant: str | None):
-    """Resolve (404 for an unknown model or version), then load (422 for a variant it cannot serve)."""
+def _predictor(ctx: Context, name: str, version: str | None, variant: str | None, load: bool = True):
+    """Resolve (404 for an unknown model or version), then load (422 for a variant it cannot serve).
+
+    With load=False: None instead of loading a predictor that is not in memory yet.
+    """
     try:
         registry.validate_name(name)
     except ConfigError as err:
@@ -191,13 +210,14 @@ def _predictor(ctx: Context, name: str, version: str | None, variant: str | None
             registry.parse_ref(f"{name}:{version}")
         except ConfigError as err:
             raise FieldError("version", f"version: {err}") from None
-    registry.resolve(name, version)
+    ctx.predictors.resolve(name, version)
     try:
-        info, predictor = ctx.predictors.get(name, version, variant)
+        found = (ctx.predictors.get(name, version, variant) if load
+                 else ctx.predictors.get_if_loaded(name, version, variant))
     except (registry.NotFoundError, registry.RegistryError) as err:
         raise FieldError("variant", f"variant: {err}") from None
     ctx.metrics.models_loaded.set(len(ctx.predictors.loaded()))
-    return info, predictor
+    return found
 
 
 # ---------------------------------------------------------------- models
@@ -217,6 +237,9 @@ def show_model(name: str) -> dict:
 def promote_model(name: str, body: PromoteRequest) -> dict:
     info = registry.promote(name, body.version)
     return {"name": info.name, "production": info.version}
+
+
+app.include_router(v2.router)  # the Open Inference Protocol (KServe V2), /v2/...
 
 
 # ---------------------------------------------------------------- errors
@@ -277,7 +300,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         key = os.environ.get(API_KEY_ENV)
-        if key and not _authorized(scope, key):
+        if key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
             return await _send_json(send, 401, "authorization: send the header 'Authorization: Bearer <key>' with "
                                                f"the key in {API_KEY_ENV}", "authorization",
                                     extra=[(b"www-authenticate", b"Bearer")])

@@ -20,6 +20,7 @@ class Metrics:
     predictions: object  # Counter: model, variant, outcome
     prediction_latency: object  # Histogram: variant
     prediction_batch: object  # Histogram: inputs per request
+    inference_batch: object  # Histogram: texts per inference batch (concurrent requests merged)
     model_load: object  # Histogram: seconds to load a predictor
     models_loaded: object  # Gauge
     jobs: object  # Gauge: state
@@ -58,6 +59,9 @@ def make_metrics() -> Metrics:
                                      ["variant"], buckets=latency),
         prediction_batch=Histogram("finetune_prediction_batch_size", "Texts per /predict request",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
+        inference_batch=Histogram("finetune_inference_batch_size",
+                                  "Texts per inference batch, after merging concurrent /predict requests",
+                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
         model_load=Histogram("finetune_model_load_seconds", "Time to load a predictor",
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
         models_loaded=Gauge("finetune_models_loaded", "Predictors held in memory", multiprocess_mode="livesum"),

@@ -3,11 +3,18 @@
 When the version an alias points at changes, the version served so far keeps answering while the
 new one loads in the background; the switch happens when it is ready. A pinned version (`v3`)
 loads on first use. At most `max_loaded` predictors are kept (least recently used goes first).
+A name and ref resolve to a version from the registry at most once every RESOLVE_SECONDS, so a
+promotion is seen within that time and a busy server does not read the registry per request.
+
+ONNX Runtime thread settings for serving come from FINETUNE_SERVE_ORT_THREADS and
+FINETUNE_SERVE_ORT_SPINNING (see `load_for_serving`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,9 +29,31 @@ log = logging.getLogger("service.predictors")
 Loader = Callable[[registry.VersionInfo, str | None], Predictor]
 Key = tuple[str, str, str | None]  # (name, version, variant asked for)
 
+RESOLVE_SECONDS = 1.0
+ORT_THREADS_ENV = "FINETUNE_SERVE_ORT_THREADS"
+ORT_SPINNING_ENV = "FINETUNE_SERVE_ORT_SPINNING"
+# bench/serve_bench.py --sweep (MiniLM int8, 32 clients, one text each, 2 cores shared with the HTTP
+# loop and the load generator): 2 threads without spinning 260 req/s (p99 189 ms); 1 thread 236;
+# 1 thread spinning 216; 2 threads spinning 187 (the spinning threads took the HTTP loop's CPU).
+DEFAULT_ORT_THREADS = 2
+DEFAULT_ORT_SPINNING = False
+
+
+def load_for_serving(info: registry.VersionInfo, variant: str | None) -> Predictor:
+    """load_predictor with the server's ONNX Runtime settings: intra-op threads and spinning.
+
+    Idle ORT threads spin by default, taking CPU the HTTP server needs between batches.
+    """
+    threads = os.environ.get(ORT_THREADS_ENV) or str(DEFAULT_ORT_THREADS)
+    spinning = os.environ.get(ORT_SPINNING_ENV) or str(int(DEFAULT_ORT_SPINNING))
+    if not threads.isdigit() or spinning not in ("0", "1"):
+        raise ConfigError(f"{ORT_THREADS_ENV} must be a number of threads (0: one per core) and {ORT_SPINNING_ENV} "
+                          f"0 or 1; got {threads!r} and {spinning!r}")
+    return load_predictor(info, variant, intra_op_threads=int(threads), allow_spinning=spinning == "1")
+
 
 class Predictors:
-    def __init__(self, load: Loader = load_predictor, max_loaded: int = 4,
+    def __init__(self, load: Loader = load_for_serving, max_loaded: int = 4,
                  on_load: Callable[[float], None] = lambda seconds: None):
         self.load = load
         self.max_loaded = max_loaded
@@ -32,12 +61,30 @@ class Predictors:
         self._loaded: OrderedDict[Key, Predictor] = OrderedDict()
         self._alias: dict[tuple[str, str | None, str | None], str] = {}  # (name, ref, variant) -> version served
         self._loading: dict[Key, threading.Lock] = {}
+        self._resolved: dict[tuple[str, str | None], tuple[float, registry.VersionInfo]] = {}
         self._lock = threading.Lock()
+
+    def resolve(self, name: str, ref: str | None) -> registry.VersionInfo:
+        """registry.resolve, remembered for RESOLVE_SECONDS; a bad name or ref is a ConfigError naming it."""
+        now = time.monotonic()
+        remembered = self._resolved.get((name, ref))
+        if remembered is not None and now - remembered[0] < RESOLVE_SECONDS:
+            return remembered[1]
+        registry.parse_ref(f"{name}:{ref}" if ref else name)
+        info = registry.resolve(name, ref)
+        self._resolved[(name, ref)] = (now, info)
+        return info
 
     def get(self, name: str, ref: str | None, variant: str | None) -> tuple[registry.VersionInfo, Predictor]:
         """The predictor for NAME at REF (vN, latest, production; None: production, else latest)."""
-        registry.parse_ref(f"{name}:{ref}" if ref else name)  # a bad name or ref is a ConfigError naming it
-        info = registry.resolve(name, ref)
+        info = self.resolve(name, ref)
+        return self._in_memory(name, ref, variant, info) or self._load_for(name, ref, variant, info)
+
+    def get_if_loaded(self, name: str, ref: str | None, variant: str | None) -> tuple[registry.VersionInfo, Predictor] | None:
+        """Like get, but None where get would wait for a load: an event loop can then call get in a thread."""
+        return self._in_memory(name, ref, variant, self.resolve(name, ref))
+
+    def _in_memory(self, name: str, ref: str | None, variant: str | None, info: registry.VersionInfo):
         key = (name, info.version, variant)
         pinned = ref is not None and ref not in (registry.LATEST, registry.PRODUCTION)
         alias = (name, ref, variant)
@@ -50,7 +97,11 @@ class Predictors:
             old_key = (name, previous, variant)
             if previous is not None and old_key in self._loaded:
                 self._start_background(key, info, alias)
-                return registry.resolve(name, previous), self._loaded[old_key]
+                return self.resolve(name, previous), self._loaded[old_key]
+        return None
+
+    def _load_for(self, name: str, ref: str | None, variant: str | None, info: registry.VersionInfo):
+        key, alias = (name, info.version, variant), (name, ref, variant)
         predictor = self._load(key, info)
         with self._lock:
             self._alias[alias] = info.version
@@ -69,6 +120,10 @@ class Predictors:
                     return self._loaded[key]
             started = time.perf_counter()
             predictor = self.load(info, key[2])
+            # A model brings ~300k long-lived Python objects (torch, transformers, the tokenizer). Frozen, the
+            # collector's full passes skip them: under 32 concurrent clients those passes ran every 2-3 s for
+            # 140-200 ms each, holding the GIL, and set p99 (bench/serve_bench.py: p99 339 -> 153 ms).
+            gc.freeze()
             self.on_load(time.perf_counter() - started)
             with self._lock:
                 self._loaded[key] = predictor

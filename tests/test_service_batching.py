@@ -1,0 +1,195 @@
+"""Adaptive batching: batched answers equal single ones, concurrent requests merge, each caller gets its own."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from artifact_helpers import make_run
+from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import Server
+
+from finetune_core import predict, registry
+from finetune_core.artifacts import export_version
+from service.batching import GROUP_SIZE, Batcher, run_grouped
+
+TEXTS = [
+    "the movie was really excellent", "a dull plot", "terrible", "quite a lovely film, the acting was superb",
+    "the film was awful and the acting poor, a really horrible movie", "great", "very bad acting", "a superb plot",
+    "the plot was quite dull", "wonderful", "poor film", "the acting was lovely and the movie great",
+]
+
+
+@pytest.fixture(scope="module")
+def home(tiny_base, tmp_path_factory):
+    """A registry holding the tiny trained model 'toy' v1 with its ONNX variant."""
+    folder = tmp_path_factory.mktemp("batching-home")
+    run = make_run(tiny_base, tmp_path_factory.mktemp("run"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(registry.ROOT_ENV, str(folder))
+        export_version(run, "toy", variants=["onnx"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor(home):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(registry.ROOT_ENV, str(home))
+        return predict.load_predictor(registry.resolve("toy"), "onnx", intra_op_threads=1, allow_spinning=False)
+
+
+def assert_same(batched: list[dict], single: list[dict]) -> None:
+    """Same labels and label order; scores equal up to float noise from padding in a shared batch."""
+    assert [r["label"] for r in batched] == [r["label"] for r in single]
+    for b, s in zip(batched, single, strict=True):
+        assert list(b["scores"]) == list(s["scores"])
+        assert b["scores"] == pytest.approx(s["scores"], abs=1e-5)
+
+
+def test_concurrent_requests_merge_and_equal_single_requests(onnx_predictor):
+    sizes = []
+    batcher = Batcher(max_batch=32, on_batch=sizes.append)
+    requests = [(TEXTS[i : i + 1 + i % 3], 1 if i % 2 else None) for i in range(len(TEXTS))]  # 1-3 texts, top_k 1 or all
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.predict("toy", onnx_predictor, texts, top_k) for texts, top_k in requests))
+
+    answers = asyncio.run(all_at_once())
+    # Every request queued before the worker took the first batch: one batch holds them all.
+    assert sizes == [sum(len(texts) for texts, _ in requests)]
+    for (texts, top_k), answer in zip(requests, answers, strict=True):
+        assert_same(answer, onnx_predictor.predict(texts, top_k))
+        assert all(len(r["scores"]) == (top_k or 2) for r in answer)
+
+
+def test_max_batch_splits_the_queue_and_a_lone_request_is_not_held(onnx_predictor):
+    sizes = []
+    batcher = Batcher(max_batch=4, on_batch=sizes.append)
+
+    async def scenario():
+        started = time.perf_counter()
+        lone = await batcher.predict("toy", onnx_predictor, ["great"], None)
+        lone_seconds = time.perf_counter() - started
+        crowd = await asyncio.gather(*(batcher.predict("toy", onnx_predictor, [t], None) for t in TEXTS[:10]))
+        return lone, lone_seconds, crowd
+
+    lone, lone_seconds, crowd = asyncio.run(scenario())
+    assert lone_seconds < 0.5 and sizes[0] == 1
+    assert sizes[1:] == [4, 4, 2]
+    assert_same([answer[0] for answer in crowd], [onnx_predictor.predict([t])[0] for t in TEXTS[:10]])
+
+
+class EchoPredictor:
+    """Answers each text with itself; fails on 'boom'; records the texts of each call."""
+
+    variant = "echo"
+
+    def __init__(self, seconds: float = 0.0):
+        self.calls: list[list[str]] = []
+        self.seconds = seconds
+
+    def predict(self, texts, top_k=None):
+        self.calls.append(list(texts))
+        time.sleep(self.seconds)
+        if "boom" in texts:
+            raise ValueError("boom is not a text this model takes")
+        return [{"label": t, "score": 1.0, "scores": {t: 1.0, "other": 0.0}} for t in texts]
+
+
+def test_each_caller_gets_its_own_results_and_only_the_failing_caller_fails():
+    echo = EchoPredictor()
+    batcher = Batcher(max_batch=64)
+    requests = [[f"r{i}-{j}" + "x" * ((i * 7 + j * 3) % 11) for j in range(1 + i % 4)] for i in range(20)]
+    requests[5] = ["fine", "boom"]
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.predict("k", echo, texts, None) for texts in requests),
+                                    return_exceptions=True)
+
+    answers = asyncio.run(all_at_once())
+    for i, (texts, answer) in enumerate(zip(requests, answers, strict=True)):
+        if i == 5:
+            assert isinstance(answer, ValueError)
+        else:
+            assert [r["label"] for r in answer] == texts
+    # The merged batch failed at the group holding 'boom'; then each request ran alone to find whose it was.
+    assert max(len(call) for call in echo.calls) <= GROUP_SIZE
+    assert echo.calls[-len(requests):] == [sorted(texts, key=len) for texts in requests]
+
+
+def test_the_event_loop_keeps_running_while_the_model_works():
+    slow = EchoPredictor(seconds=0.3)
+    batcher = Batcher()
+    ticks = []
+
+    async def ticker():
+        for _ in range(10):
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        await asyncio.gather(batcher.predict("k", slow, ["a"], None), ticker())
+
+    asyncio.run(scenario())
+    assert ticks[-1] - ticks[0] < 0.25  # ten ticks did not wait for the 0.3 s forward pass
+
+
+def test_run_grouped_keeps_the_input_order():
+    echo = EchoPredictor()
+    texts = [f"t{i}" + "x" * (i * 5 % 13) for i in range(19)]
+    assert [r["label"] for r in run_grouped(echo, texts)] == texts
+    assert all(len(call) <= GROUP_SIZE for call in echo.calls)
+    assert [len(t) for call in echo.calls for t in call] == sorted(len(t) for t in texts)
+
+
+# ---------------------------------------------------------------- over real HTTP
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory):
+    log = tmp_path_factory.mktemp("batching-server") / "server.log"
+    # A short window makes merging certain on a fast tiny model; the default (0) merges under load.
+    running = Server(home, log, env={"FINETUNE_SERVE_MAX_WAIT_MS": "30"}).start()
+    yield running
+    running.kill()
+
+
+def batch_figures(url: str) -> tuple[float, float]:
+    """(number of inference batches, texts in them) from /metrics."""
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("finetune_inference_batch_size_count", "finetune_inference_batch_size_sum"):
+                found[sample.name] = sample.value
+    return found.get("finetune_inference_batch_size_count", 0.0), found.get("finetune_inference_batch_size_sum", 0.0)
+
+
+def test_concurrent_http_clients_are_batched_and_get_their_own_answers(server):
+    texts = [f"{a} {b}" for a in ("great", "awful", "the plot was lovely", "dull acting") for b in ("film", "movie plot", "x")]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        single = {t: client.post("/predict", json={"model": "toy", "inputs": [t]}).json() for t in texts}
+    before = batch_figures(server.url)
+
+    answers: dict[int, dict] = {}
+
+    def call(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            answers[i] = client.post("/predict", json={"model": "toy", "inputs": [texts[i % len(texts)]]}).json()
+
+    clients = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(60)
+
+    assert len(answers) == 32
+    for i, answer in answers.items():
+        expected = single[texts[i % len(texts)]]
+        assert answer["model"] == {"name": "toy", "version": "v1"} and answer["variant"] == "onnx"
+        assert_same(answer["predictions"], expected["predictions"])
+    batches, batched_texts = (now - then for now, then in zip(batch_figures(server.url), before, strict=True))
+    assert batched_texts == 32
+    assert batches < 32, f"32 concurrent requests ran in {batches:.0f} batches: none were merged"
