@@ -115,3 +115,7 @@ class FinetuneServe:
             await self.trainer.to_async.wake()
         except Exception as err:  # the job is stored; the trainer's poll finds it
             log.warning("could not wake the trainer (%s); it will pick the job up on its next poll", err)
+
+
+# The key check and body limits wrap the whole server, BentoML's own routes included.
+FinetuneServe.add_asgi_middleware(http.Guard)

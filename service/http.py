@@ -36,8 +36,9 @@ from .train_job import run_dir_of
 log = logging.getLogger("service.http")
 
 API_KEY_ENV = "FINETUNE_SERVE_API_KEY"
-# Health checks stay open with an API key set, as /livez, /readyz and /metrics (served by BentoML) do.
-OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+# What stays open with an API key set: health checks and metrics. The guard wraps the whole BentoML
+# server (service.bento), so BentoML's own routes (/schema.json, /docs) need the key too.
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready")
 # JSON bodies larger than this are refused with 413 (uploads have their own, larger limit).
 MAX_JSON_BODY = 1 << 20
 ARTIFACTS = {"curves.png": "plots/curves.png", "confusion.png": "plots/confusion.png", "data_report.json": "data_report.json"}
@@ -356,5 +357,3 @@ async def _send_json(send, status: int, message: str, field: str | None, extra: 
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
-
-app.add_middleware(Guard)

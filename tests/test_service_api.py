@@ -209,6 +209,8 @@ def test_api_key_guards_everything_but_health_and_metrics(server, client):
     assert httpx.post(server.url + "/predict", json={"inputs": ["x"]}, timeout=10).status_code == 401
     for open_path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(server.url + open_path, timeout=10).status_code == 200
+    for bentoml_own in ("/schema.json", "/docs.json"):
+        assert httpx.get(server.url + bentoml_own, timeout=10).status_code == 401
     assert client.get("/jobs").status_code == 200
 
 
