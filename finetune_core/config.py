@@ -94,7 +94,8 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.early_stopping_metric", self.early_stopping_metric, METRICS)
-        for name in ("early_stopping_patience", "eval_every_steps", "checkpoint_every_steps", "log_every_steps", "num_threads"):
+        _positive_int("train.log_every_steps", self.log_every_steps)
+        for name in ("early_stopping_patience", "eval_every_steps", "checkpoint_every_steps", "num_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"train.{name}: must be a whole number >= 0, got {value!r}")

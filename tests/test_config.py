@@ -30,6 +30,7 @@ def test_flags_override_file_values():
         ({"data": {"train": "t"}, "train": {"optimizer": "lamb"}}, "train.optimizer: 'lamb' is not allowed; choose one of adamw, adam, sgd"),
         ({"data": {"train": "t"}, "train": {"epochs": 0}}, "train.epochs: must be a whole number >= 1"),
         ({"data": {"train": "t"}, "train": {"epochs": "2"}}, "train.epochs: expected int, got str"),
+        ({"data": {"train": "t"}, "train": {"log_every_steps": 0}}, "train.log_every_steps: must be a whole number >= 1"),
         ({"data": {"train": "t"}, "train": {"learning_rate": 0}}, "train.learning_rate: must be a number in (0.0, 1.0]"),
         ({"data": {"train": "t"}, "train": {"warmup": 0.1}}, "train.warmup: unknown field"),
         ({"data": {"train": "t"}, "model": {"freeze": "top:2"}}, "freeze: unknown policy 'top:2'"),
