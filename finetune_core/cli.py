@@ -10,6 +10,7 @@ import sys
 import threading
 
 from .artifacts_cli import add_commands
+from .config import TASKS
 from .errors import FinetuneError
 
 DEFAULT_CONFIG_HELP = "defaults live in finetune_core/config.py"
@@ -35,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model on a labelled dataset", description=DEFAULT_CONFIG_HELP)
-    train.add_argument("--train", help="training file (JSONL, CSV, Parquet)")
+    train.add_argument("--train", help="training file (JSONL, CSV, Parquet); images: a class folder, a dataset root or an image list")
     train.add_argument("--validation", help="validation file; default: 10%% of train")
     train.add_argument("--test", help="test file; default: 10%% of train when no validation file is given")
-    train.add_argument("--task", choices=["text-classification", "text-regression"])
+    train.add_argument("--task", choices=list(TASKS))
     train.add_argument("--text-column")
     train.add_argument("--label-column")
     train.add_argument("--model", help='base model: "default" (bundled all-MiniLM-L6-v2), a folder or a hub id')
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--max-length", type=int)
+    train.add_argument("--image-size", type=int, help="image tasks: input pixels (default: the model's own, 224)")
+    train.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="image tasks: no training augmentation")
+    train.add_argument("--no-flip", dest="horizontal_flip", action="store_const", const=False,
+                       help="image tasks: no horizontal flips (where mirroring changes the label)")
     train.add_argument("--freeze", help="none | embeddings | bottom:N | all-but-head")
     train.add_argument("--seed", type=int)
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("evaluate", help="evaluate a trained model folder on a labelled file")
     ev.add_argument("--model", required=True, help="RUN_DIR/model")
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="a labelled file; for image models a class folder or an image list")
     ev.add_argument("--text-column", default="text")
     ev.add_argument("--label-column", default="label")
     ev.add_argument("--batch-size", type=int, default=128)
@@ -80,7 +85,8 @@ def cmd_train(args) -> int:
         raw = load_config(args.config) if args.config else {}
         flags = {
             "data": {"train": args.train, "validation": args.validation, "test": args.test, "task": args.task,
-                     "text_column": args.text_column, "label_column": args.label_column, "max_length": args.max_length},
+                     "text_column": args.text_column, "label_column": args.label_column, "max_length": args.max_length,
+                     "image_size": args.image_size, "augment": args.augment, "horizontal_flip": args.horizontal_flip},
             "model": {"base_model": args.model, "freeze": args.freeze},
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                       "seed": args.seed, "precision": args.precision},
@@ -117,26 +123,9 @@ def _summary(metrics: dict) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import encode, encode_labels, read_examples, clean, regression_targets
-    from .errors import DataError
-    from .evaluate import evaluate
-    from .model import load_trained
-    from .pipeline import make_loss
+    from .pipeline import evaluate_saved
 
-    model, tokenizer, meta = load_trained(args.model)
-    texts, labels = read_examples(args.data, args.text_column, args.label_column, "evaluation")
-    texts, labels, report = clean(texts, labels, meta.get("lowercase", False))
-    if not texts:
-        raise DataError(f"evaluation file '{args.data}' has no usable rows after cleaning: {report['dropped']}")
-    names = meta["labels"]
-    if names is None:
-        targets = [(t - meta["target_mean"]) / meta["target_std"] for t in regression_targets(labels, "evaluation")]
-    else:
-        targets = encode_labels(labels, names, "evaluation")
-    encoded, _ = encode(tokenizer, texts, targets, meta["max_length"])
-    metrics = evaluate(model, encoded, make_loss(names is None), label_names=names, target_mean=meta["target_mean"],
-                       target_std=meta["target_std"], batch_size=args.batch_size)
-    metrics["cleaning"] = report
+    metrics = evaluate_saved(args.model, args.data, args.text_column, args.label_column, args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -15,16 +15,19 @@ from pathlib import Path
 from .errors import ConfigError
 from .model import DEFAULT_BASE_MODEL, check_freeze_policy
 
-TASKS = ("text-classification", "text-regression")
+TASKS = ("text-classification", "text-regression", "image-classification", "image-regression")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 METRICS = ("accuracy", "macro_f1", "loss", "mse", "mae", "r2")
+REGRESSION_LOSSES = ("mse", "huber")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""  # JSONL or CSV (Parquet too); required
+    # JSONL or CSV (Parquet too); required. Image tasks: a class folder (DIR/<class>/*.jpg), a dataset
+    # root holding train/ (and val/ or validation/, test/), or a JSONL/CSV list of image paths.
+    train: str = ""
     validation: str | None = None  # used as is when given; else 10% of train (seeded, stratified)
     test: str | None = None  # used as is when given; else 10% of train when validation is also absent, else none
     text_column: str = "text"
@@ -34,6 +37,11 @@ class DataConfig:
     lowercase: bool = False  # MiniLM's tokenizer lower-cases already
     min_rows_per_class: int = 5  # fewer rows in a class than this is an error before training
     split_seed: int = 0  # seeds the 80/10/10 split, independent of the training seed
+    image_column: str = "image"  # image lists: the column holding paths (relative to the list's folder)
+    image_size: int = 0  # pixels, square; 0 keeps the base model's own input size (224 for EfficientNet-Lite0)
+    augment: bool = True  # training images: random resized crop, flip, small rotation, colour jitter
+    horizontal_flip: bool = True  # part of augment; turn off where mirroring changes the label (digits, text)
+    image_root: str | None = None  # image lists: paths must stay inside this folder (the service sets it)
 
     def __post_init__(self):
         if not self.train:
@@ -41,15 +49,22 @@ class DataConfig:
         _choice("data.task", self.task, TASKS)
         _positive_int("data.max_length", self.max_length, upper=8192)
         _positive_int("data.min_rows_per_class", self.min_rows_per_class)
-        for name in ("text_column", "label_column"):
+        if self.image_size:
+            _positive_int("data.image_size", self.image_size, upper=1024)
+            if self.image_size < 32:
+                raise ConfigError(f"data.image_size: must be 0 (the model's own) or >= 32 pixels, got {self.image_size}")
+        for name in ("text_column", "label_column", "image_column"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_model: str = DEFAULT_BASE_MODEL  # "default" (bundled all-MiniLM-L6-v2), a local folder or a hub id
-    freeze: str = "none"  # none | embeddings | bottom:N | all-but-head
+    # "default": the bundled all-MiniLM-L6-v2 for text, the bundled EfficientNet-Lite0 for images.
+    # Else a local folder, a hub id (text) or a timm model name (images).
+    base_model: str = DEFAULT_BASE_MODEL
+    # none | embeddings | bottom:N | all-but-head. For CNNs the "embeddings" are the stem and N counts stages.
+    freeze: str = "none"
 
     def __post_init__(self):
         check_freeze_policy(self.freeze)
@@ -70,6 +85,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding, a large win on CPU
     precision: str = "auto"  # bf16 autocast where the hardware has it (CUDA, AVX512-BF16/AMX CPUs), else fp32
     class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced data)
+    regression_loss: str = "mse"  # mse | huber (robust to outliers), on standardised targets
     label_smoothing: float = 0.0
     early_stopping_metric: str = "accuracy"  # one of METRICS, on the validation split
     early_stopping_patience: int = 2  # epochs without improvement before stopping; 0 disables
@@ -94,6 +110,7 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.early_stopping_metric", self.early_stopping_metric, METRICS)
+        _choice("train.regression_loss", self.regression_loss, REGRESSION_LOSSES)
         _positive_int("train.log_every_steps", self.log_every_steps)
         for name in ("early_stopping_patience", "eval_every_steps", "checkpoint_every_steps", "num_threads"):
             value = getattr(self, name)

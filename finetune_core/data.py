@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import images
 from .errors import DataError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -118,7 +119,7 @@ def clean(texts: list, labels: list, lowercase: bool = False) -> tuple[list[str]
     dropped = Counter()
     kept: list[tuple[str, object]] = []
     for text, label in zip(texts, labels):
-        if label is None or (isinstance(label, str) and not label.strip()) or (isinstance(label, float) and math.isnan(label)):
+        if is_missing_label(label):
             dropped["missing_label"] += 1
             continue
         if not isinstance(text, str):
@@ -147,6 +148,10 @@ def clean(texts: list, labels: list, lowercase: bool = False) -> tuple[list[str]
         out_labels.append(label)
     report = {"rows_in": len(texts), "rows_out": len(out_texts), "dropped": dict(sorted(dropped.items()))}
     return out_texts, out_labels, report
+
+
+def is_missing_label(label) -> bool:
+    return label is None or (isinstance(label, str) and not label.strip()) or (isinstance(label, float) and math.isnan(label))
 
 
 def _label_key(label) -> str:
@@ -231,7 +236,7 @@ def regression_strata(targets: list[float], bins: int = 10) -> list[int]:
 
 @dataclass
 class Split:
-    texts: list[str]
+    inputs: list[str]  # texts, or image paths for image tasks
     targets: list  # class ids (int) or raw regression targets (float)
 
 
@@ -249,12 +254,13 @@ def load_dataset(cfg) -> Dataset:
     """Read, clean, label, check and split a dataset described by a DataConfig."""
     regression = cfg.task.endswith("regression")
     raw = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    if cfg.task.startswith("image"):
+        raw = images.layout(cfg.train, cfg.validation, cfg.test)
     cleaned, report = {}, {"task": cfg.task, "files": {k: v for k, v in raw.items() if v}, "cleaning": {}}
     for role, path in raw.items():
         if path is None:
             continue
-        texts, labels = read_examples(path, cfg.text_column, cfg.label_column, role)
-        texts, labels, how = clean(texts, labels, cfg.lowercase)
+        texts, labels, how = _read_rows(cfg, role, path)
         if not texts:
             raise DataError(f"{role} file '{path}' has no usable rows after cleaning: {how['dropped']}")
         cleaned[role] = (texts, labels)
@@ -278,7 +284,7 @@ def load_dataset(cfg) -> Dataset:
         strata = regression_strata(train.targets) if regression else train.targets
         parts = stratified_split(strata, cfg.split_seed, fractions)
         new = {
-            role: Split([train.texts[i] for i in idx], [train.targets[i] for i in idx])
+            role: Split([train.inputs[i] for i in idx], [train.targets[i] for i in idx])
             for role, idx in zip(("train", "validation", "test"), parts)
         }
         splits["train"] = new["train"]
@@ -286,9 +292,9 @@ def load_dataset(cfg) -> Dataset:
             splits[role] = new[role]
         report["split"] = {"seed": cfg.split_seed, "fractions": list(fractions), "carved_from_train": missing}
     for role in ("train", "validation"):
-        if not splits[role].texts:
+        if not splits[role].inputs:
             raise DataError(f"{role} split is empty; give more rows or a --{role} file")
-    if "test" in splits and not splits["test"].texts:
+    if "test" in splits and not splits["test"].inputs:
         del splits["test"]
 
     dataset = Dataset(cfg.task, names, splits, report)
@@ -296,9 +302,21 @@ def load_dataset(cfg) -> Dataset:
         values = np.asarray(splits["train"].targets, dtype=np.float64)
         dataset.target_mean = float(values.mean())
         dataset.target_std = float(values.std()) or 1.0
-    report["rows"] = {role: len(s.texts) for role, s in splits.items()}
+    report["rows"] = {role: len(s.inputs) for role, s in splits.items()}
     report["classes"] = class_report(dataset) if not regression else target_report(splits["train"].targets)
     return dataset
+
+
+def _read_rows(cfg, role: str, path: str) -> tuple[list, list, dict]:
+    """Cleaned (inputs, raw labels) and what cleaning dropped: texts, or paths of readable images."""
+    if not cfg.task.startswith("image"):
+        texts, labels = read_examples(path, cfg.text_column, cfg.label_column, role)
+        return clean(texts, labels, cfg.lowercase)
+    if Path(path).is_dir():
+        paths, labels = images.read_folder(path, role)
+    else:
+        paths, labels = images.read_list(path, cfg.image_column, cfg.label_column, role, cfg.image_root)
+    return images.clean_images(paths, labels)
 
 
 def class_report(dataset: Dataset) -> dict:
@@ -334,15 +352,19 @@ class Encoded:
     targets: list
     lengths: list[int]
     pad_id: int
+    regression: bool = False
+
+    def loader(self, batches: list[list[int]], epoch: int = 0) -> DataLoader:
+        return loader(self, batches, self.regression)
 
 
-def encode(tokenizer, texts: list[str], targets: list, max_length: int) -> tuple[Encoded, list[int]]:
+def encode(tokenizer, texts: list[str], targets: list, max_length: int, regression: bool = False) -> tuple[Encoded, list[int]]:
     """Tokenize without padding; returns the encoding and the untruncated lengths (for the report)."""
     full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
     features = dict(tokenizer(texts, truncation=True, max_length=max_length))
     features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     lengths = [len(ids) for ids in features["input_ids"]]
-    return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0), [len(x) for x in full]
+    return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0, regression), [len(x) for x in full]
 
 
 def batch_order(lengths: list[int], batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0, epoch: int = 0) -> list[list[int]]:

@@ -8,20 +8,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Encoded, batch_order, loader
+from .data import batch_order
+from .model import logits_of
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, encoded: Encoded, batch_size: int = 128, precision: str = "fp32") -> np.ndarray:
+def predict_logits(model: nn.Module, encoded, batch_size: int = 128, precision: str = "fp32") -> np.ndarray:
     """Logits for every row in the original order; batches are length-sorted to pad little."""
     model.eval()
     device = next(model.parameters()).device
     order = batch_order(encoded.lengths, batch_size, shuffle=False, group_by_length=True)
     out: list[np.ndarray] = [None] * len(encoded.targets)
-    for indices, batch in zip(order, loader(encoded, order, regression=False)):
+    for indices, batch in zip(order, encoded.loader(order)):
         batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            logits = logits_of(model(**{k: v.to(device) for k, v in batch.items()}))
         for i, row in zip(indices, logits.float().cpu().numpy()):
             out[i] = row
     return np.stack(out)
@@ -84,7 +85,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
-def evaluate(model: nn.Module, encoded: Encoded, loss_fn, *, label_names: list[str] | None,
+def evaluate(model: nn.Module, encoded, loss_fn, *, label_names: list[str] | None,
              target_mean: float | None = None, target_std: float | None = None,
              batch_size: int = 128, precision: str = "fp32") -> dict:
     """All metrics for one split. `encoded.targets` are class ids, or standardised regression targets."""

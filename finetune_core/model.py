@@ -83,6 +83,11 @@ def bf16_supported() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def logits_of(output) -> torch.Tensor:
+    """Logits from a transformers output (`.logits`) or from a network that returns them directly."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def build_model(base_model: str, labels: list[str] | None) -> tuple[nn.Module, object]:
     """Load tokenizer and model with a new head: one logit per label, or one output for regression."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -30,7 +30,10 @@ from .model import build_model, freeze, save_trained
 from .train import EventFn, fit, pick_precision
 
 
-def make_loss(regression: bool, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+def make_loss(regression: bool, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+              regression_loss: str = "mse"):
+    if regression and regression_loss == "huber":
+        return lambda logits, labels: F.huber_loss(logits[:, 0], labels)
     if regression:
         return lambda logits, labels: F.mse_loss(logits[:, 0], labels)
     return lambda logits, labels: F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
@@ -74,38 +77,30 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
     regression = cfg.data.task.endswith("regression")
 
     dataset = D.load_dataset(cfg.data)
-    _write_splits(dataset, output / "splits")
+    _write_splits(dataset, output / "splits", "image" if cfg.data.task.startswith("image") else "text")
     torch.manual_seed(tc.seed)  # the new head's initial weights
-    model, tokenizer = build_model(cfg.model.base_model, dataset.label_names)
+    prepare = _prepare_images if cfg.data.task.startswith("image") else _prepare_text
+    model, rows, report_extra, save = prepare(cfg, dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    params = freeze(model, cfg.model.freeze)
-
-    encoded, token_lengths = {}, {}
-    for role, split in dataset.splits.items():
-        targets = split.targets
-        if regression:
-            targets = [(t - dataset.target_mean) / dataset.target_std for t in targets]
-        encoded[role], token_lengths[role] = D.encode(tokenizer, split.texts, targets, cfg.data.max_length)
-    report = {**dataset.report, "tokens": {r: D.token_report(v, cfg.data.max_length) for r, v in token_lengths.items()},
-              "parameters": params}
+    report = {**dataset.report, **report_extra}
     (output / "data_report.json").write_text(json.dumps(report, indent=2))
 
     weights = None
     if tc.class_weights and not regression:
-        weights = inverse_frequency_weights(encoded["train"].targets, len(dataset.label_names)).to(device)
-    loss_fn = make_loss(regression, weights, tc.label_smoothing)
+        weights = inverse_frequency_weights(rows["train"].targets, len(dataset.label_names)).to(device)
+    loss_fn = make_loss(regression, weights, tc.label_smoothing, tc.regression_loss)
     precision = pick_precision(tc.precision)
 
     def evaluate_split(role: str) -> dict:
-        return evaluate(model, encoded[role], loss_fn, label_names=dataset.label_names, target_mean=dataset.target_mean,
+        return evaluate(model, rows[role], loss_fn, label_names=dataset.label_names, target_mean=dataset.target_mean,
                         target_std=dataset.target_std, batch_size=tc.eval_batch_size, precision=precision)
 
     sink = _EventLog(output, on_event)
     try:
-        sink({"type": "data", "report": {k: report[k] for k in ("rows", "cleaning")}, "parameters": params})
-        result = fit(model, encoded["train"], tc, loss_fn=loss_fn, evaluate_fn=lambda m: scalars(evaluate_split("validation")),
-                     regression=regression, checkpoint_dir=output / "checkpoints", resume=resume,
+        sink({"type": "data", "report": {k: report[k] for k in ("rows", "cleaning")}, "parameters": report["parameters"]})
+        result = fit(model, rows["train"], tc, loss_fn=loss_fn, evaluate_fn=lambda m: scalars(evaluate_split("validation")),
+                     checkpoint_dir=output / "checkpoints", resume=resume,
                      on_event=sink, should_stop=should_stop)
         train_info = {"status": result.status, "samples_per_second": round(result.samples_per_second, 2),
                       "wall_seconds": round(time.perf_counter() - started, 2), "train_seconds": round(result.wall_seconds, 2),
@@ -117,12 +112,11 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
             return {"validation": None, "test": None, "train": train_info}
 
         metrics = {"validation": evaluate_split("validation"),
-                   "test": evaluate_split("test") if "test" in encoded else None, "train": train_info}
+                   "test": evaluate_split("test") if "test" in rows else None, "train": train_info}
         meta = {"task": cfg.data.task, "labels": dataset.label_names, "base_model": cfg.model.base_model,
-                "max_length": cfg.data.max_length, "target_mean": dataset.target_mean, "target_std": dataset.target_std,
-                "lowercase": cfg.data.lowercase}
+                "target_mean": dataset.target_mean, "target_std": dataset.target_std}
         model.to("cpu")
-        save_trained(model, tokenizer, meta, output / "model")
+        save(model, meta, output / "model")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plots = output / "plots"
         plots.mkdir(exist_ok=True)
@@ -134,6 +128,87 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
         return metrics
     finally:
         sink.close()
+
+
+def _standardised(dataset: D.Dataset, targets: list) -> list:
+    if dataset.target_mean is None:
+        return targets
+    return [(t - dataset.target_mean) / dataset.target_std for t in targets]
+
+
+def _prepare_text(cfg: JobConfig, dataset: D.Dataset):
+    """MiniLM (or another transformers model) with a new head, and tokenized rows per split."""
+    regression = dataset.label_names is None
+    model, tokenizer = build_model(cfg.model.base_model, dataset.label_names)
+    params = freeze(model, cfg.model.freeze)
+    rows, token_lengths = {}, {}
+    for role, split in dataset.splits.items():
+        rows[role], token_lengths[role] = D.encode(tokenizer, split.inputs, _standardised(dataset, split.targets),
+                                                   cfg.data.max_length, regression)
+    extra = {"tokens": {r: D.token_report(v, cfg.data.max_length) for r, v in token_lengths.items()}, "parameters": params}
+
+    def save(model, meta: dict, model_dir: Path) -> None:
+        save_trained(model, tokenizer, {**meta, "max_length": cfg.data.max_length, "lowercase": cfg.data.lowercase}, model_dir)
+
+    return model, rows, extra, save
+
+
+def _prepare_images(cfg: JobConfig, dataset: D.Dataset):
+    """A pretrained CNN with a new head, and image rows per split (augmented for training only)."""
+    from .image_model import build_image_model, freeze_image_model, save_image_model
+    from .images import ImageRows, size_report
+
+    regression = dataset.label_names is None
+    model, spec = build_image_model(cfg.model.base_model, 1 if regression else len(dataset.label_names), cfg.data.image_size)
+    params = freeze_image_model(model, cfg.model.freeze)
+    rows = {
+        role: ImageRows(split.inputs, _standardised(dataset, split.targets), spec, regression,
+                        augment=cfg.data.augment and role == "train", flip=cfg.data.horizontal_flip, seed=cfg.train.seed)
+        for role, split in dataset.splits.items()
+    }
+    extra = {"images": {"input": spec.meta(), "train": size_report(dataset.splits["train"].inputs)}, "parameters": params}
+
+    def save(model, meta: dict, model_dir: Path) -> None:
+        save_image_model(model, {**meta, **spec.meta()}, model_dir)
+
+    return model, rows, extra, save
+
+
+def evaluate_saved(model_dir: str | Path, data: str, text_column: str = "text", label_column: str = "label",
+                   batch_size: int = 128) -> dict:
+    """Metrics of a saved model folder (RUN_DIR/model) on a labelled file, or an image folder or list."""
+    from .errors import DataError
+    from .model import META_FILE, load_trained
+
+    meta_path = Path(model_dir) / META_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
+    meta = json.loads(meta_path.read_text())
+    image = meta["task"].startswith("image")
+    if image:
+        from .image_model import load_image_model
+        from .images import ImageRows, ImageSpec, clean_images, read_folder, read_list
+
+        model, meta = load_image_model(model_dir)
+        found = read_folder(data, "evaluation") if Path(data).is_dir() else read_list(data, "image", label_column, "evaluation", None)
+        inputs, labels, report = clean_images(*found)
+    else:
+        model, tokenizer, meta = load_trained(model_dir)
+        inputs, labels, report = D.clean(*D.read_examples(data, text_column, label_column, "evaluation"), meta.get("lowercase", False))
+    if not inputs:
+        raise DataError(f"evaluation data '{data}' has no usable rows after cleaning: {report['dropped']}")
+    names = meta["labels"]
+    if names is None:
+        targets = [(t - meta["target_mean"]) / meta["target_std"] for t in D.regression_targets(labels, "evaluation")]
+    else:
+        targets = D.encode_labels(labels, names, "evaluation")
+    if image:
+        rows = ImageRows(inputs, targets, ImageSpec.from_meta(meta), names is None)
+    else:
+        rows, _ = D.encode(tokenizer, inputs, targets, meta["max_length"], names is None)
+    metrics = evaluate(model, rows, make_loss(names is None), label_names=names, target_mean=meta["target_mean"],
+                       target_std=meta["target_std"], batch_size=batch_size)
+    return {**metrics, "cleaning": report}
 
 
 _RUN_OUTPUTS = ("model", "splits", "plots", "checkpoints", "tensorboard", "events.jsonl", "metrics.json", "data_report.json")
@@ -149,13 +224,14 @@ def _clear_previous_run(output: Path) -> None:
             path.unlink()
 
 
-def _write_splits(dataset: D.Dataset, folder: Path) -> None:
+def _write_splits(dataset: D.Dataset, folder: Path, column: str) -> None:
+    """The rows each split used, as {column: text or image path, "label": name or value} JSONL."""
     folder.mkdir(parents=True, exist_ok=True)
     for role, split in dataset.splits.items():
         names = dataset.label_names
         with (folder / f"{role}.jsonl").open("w") as f:
-            for text, target in zip(split.texts, split.targets):
-                f.write(json.dumps({"text": text, "label": names[target] if names else target}) + "\n")
+            for item, target in zip(split.inputs, split.targets):
+                f.write(json.dumps({column: item, "label": names[target] if names else target}) + "\n")
 
 
 class _EventLog:

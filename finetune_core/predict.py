@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from . import registry
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .export import Batch, Forward, model_input_names
-from .model import META_FILE, bf16_supported
+from .model import META_FILE, bf16_supported, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,18 @@ DEFAULT_ORDER = ("int8", "onnx", "torchscript", "pytorch")
 # Rows per forward pass when predict() is given many texts: bounds memory, keeps CPU caches warm.
 CHUNK_SIZE = 32
 
-
-
 class Predictor(Protocol):
-    variant: str
+    """TextPredictor (texts) or ImagePredictor (images): same outputs, different inputs."""
 
-    def predict(self, texts: Sequence[str], top_k: int | None = None) -> list[dict]:
-        """One dict per text: {label, score, scores: {label: prob}} or, for regression, {value}."""
+    variant: str
+    meta: dict  # the model's finetune_serve.json: task, labels, input limits
+
+    def logits(self, inputs: Sequence) -> np.ndarray:
+        """Raw model outputs, one row per input."""
+        ...
+
+    def predict(self, inputs: Sequence, top_k: int | None = None) -> list[dict]:
+        """One dict per input: {label, score, scores: {label: prob}} or, for regression, {value}."""
         ...
 
 
@@ -76,10 +81,56 @@ class TextPredictor:
     def predict(self, texts: Sequence[str], top_k: int | None = None) -> list[dict]:
         if isinstance(texts, str):
             raise ConfigError("predict: pass a list of texts, not a single string")
-        logits = self.logits(list(texts))
-        if self.meta["task"] == "text-regression":
-            return [{"value": v} for v in regression_values(logits, self.meta)]
-        return classification_results(logits, self.meta["labels"], top_k)
+        return results(self.logits(list(texts)), self.meta, top_k)
+
+
+class ImagePredictor:
+    """Decode, resize, centre-crop and normalise as in training evaluation, run, post-process.
+
+    Inputs are paths, encoded bytes (JPEG, PNG...), PIL images or HxWx3 uint8 arrays; an input
+    that does not decode is a DataError naming its position.
+    """
+
+    def __init__(self, meta: dict, backend: Forward, variant: str):
+        from .images import ImageSpec
+
+        self.meta = meta
+        self.backend = backend
+        self.variant = variant
+        self.spec = ImageSpec.from_meta(meta)
+
+    def pixels(self, images: Sequence) -> np.ndarray:
+        from .images import pixel_values
+
+        out = []
+        for index, image in enumerate(images):
+            try:
+                out.append(pixel_values([image], self.spec))
+            except DataError as err:
+                raise DataError(f"image {index}: {err}") from None
+            except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated, bad header
+                raise DataError(f"image {index}: not a decodable image ({err})") from None
+        size = self.spec.size
+        return np.concatenate(out) if out else np.zeros((0, 3, size, size), dtype=np.float32)
+
+    def logits_from_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Logits for already preprocessed float32 (rows, 3, size, size) input."""
+        chunks = [self.backend({"pixel_values": pixel_values[i : i + CHUNK_SIZE]})
+                  for i in range(0, len(pixel_values), CHUNK_SIZE)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+
+    def logits(self, images: Sequence) -> np.ndarray:
+        return self.logits_from_pixels(self.pixels(images))
+
+    def predict(self, images: Sequence, top_k: int | None = None) -> list[dict]:
+        return results(self.logits(list(images)), self.meta, top_k)
+
+
+def results(logits: np.ndarray, meta: dict, top_k: int | None) -> list[dict]:
+    """Labels and probabilities per row, or {"value"} for regression."""
+    if meta["task"].endswith("regression"):
+        return [{"value": v} for v in regression_values(logits, meta)]
+    return classification_results(logits, meta["labels"], top_k)
 
 
 def classification_results(logits: np.ndarray, labels: list[str], top_k: int | None) -> list[dict]:
@@ -160,7 +211,7 @@ def eager_backend(model: torch.nn.Module, dtype: torch.dtype = torch.float32) ->
     def forward(batch: Batch) -> np.ndarray:
         with torch.inference_mode():
             inputs = {name: torch.from_numpy(array).to(device) for name, array in batch.items()}
-            return model(**inputs).logits.float().cpu().numpy()
+            return logits_of(model(**inputs)).float().cpu().numpy()
 
     return forward
 
@@ -171,7 +222,7 @@ def load_predictor(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     allow_spinning: bool = True,
-) -> TextPredictor:
+) -> Predictor:
     """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
     from transformers import AutoTokenizer
 
@@ -195,6 +246,9 @@ def load_predictor(
 
     model_dir = registry.model_dir(info)
     meta = json.loads((model_dir / META_FILE).read_text())
+    if meta["task"].startswith("image"):
+        return ImagePredictor(meta, _image_backend(info, variant, model_dir, intra_op_threads, inter_op_threads,
+                                                   allow_spinning), variant)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if variant in ("onnx", "int8"):
         backend = onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads,
@@ -207,3 +261,15 @@ def load_predictor(
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         backend = eager_backend(model, torch.bfloat16 if variant == "bf16" else torch.float32)
     return TextPredictor(tokenizer, meta, backend, variant)
+
+
+def _image_backend(info, variant: str, model_dir: Path, intra_op_threads: int, inter_op_threads: int,
+                   allow_spinning: bool) -> Forward:
+    if variant in ("onnx", "int8"):
+        return onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads, allow_spinning)
+    if variant == "torchscript":
+        return torchscript_backend(registry.variant_file(info, variant), ["pixel_values"])
+    from .image_model import load_image_model
+
+    model, _ = load_image_model(model_dir)
+    return eager_backend(model, torch.bfloat16 if variant == "bf16" else torch.float32)

@@ -7,18 +7,29 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from .data import Encoded, batch_order, loader
-from .model import bf16_supported
+from .data import batch_order
+from .model import bf16_supported, logits_of
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
 EvalFn = Callable[[nn.Module], dict]  # model -> validation metrics, "loss" included
 EventFn = Callable[[dict], None]
 LOWER_IS_BETTER = {"loss", "mse", "mae"}
+
+
+class Rows(Protocol):
+    """Training or evaluation rows: tokenized texts (data.Encoded) or images (images.ImageRows)."""
+
+    targets: list
+    lengths: list[int]  # per-row lengths for length grouping
+
+    def loader(self, batches: list[list[int]], epoch: int = 0) -> Iterable[dict[str, torch.Tensor]]:
+        """Model inputs and "labels" for each batch of row indices; `epoch` seeds augmentation."""
+        ...
 
 
 @dataclass
@@ -74,12 +85,11 @@ def make_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int) -> 
 
 def fit(
     model: nn.Module,
-    train: Encoded,
+    train: Rows,
     cfg,  # TrainConfig
     *,
     loss_fn: LossFn,
     evaluate_fn: EvalFn,
-    regression: bool,
     checkpoint_dir: str | Path,
     resume: bool = False,
     on_event: EventFn = lambda event: None,
@@ -125,11 +135,11 @@ def fit(
     while s["epoch"] < cfg.epochs and status == "completed":
         order = batch_order(train.lengths, cfg.batch_size, True, cfg.group_by_length, cfg.seed, s["epoch"])
         tick, window = time.perf_counter(), 0
-        for i, batch in enumerate(loader(train, order[s["batch"]:], regression), start=s["batch"]):
+        for i, batch in enumerate(train.loader(order[s["batch"]:], s["epoch"]), start=s["batch"]):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(**batch).logits
+                logits = logits_of(model(**batch))
             loss = loss_fn(logits.float(), labels)
             (loss / cfg.gradient_accumulation).backward()
             s["samples"] += len(labels)

@@ -54,7 +54,7 @@ def test_given_validation_is_used_as_is_and_no_test_is_carved(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(100))
     val = write_jsonl(tmp_path / "val.jsonl", toy_rows(30, seed=9))
     ds = D.load_dataset(DataConfig(train=str(train), validation=str(val)))
-    assert len(ds.splits["validation"].texts) == len(set(r["text"] for r in toy_rows(30, seed=9)))
+    assert len(ds.splits["validation"].inputs) == len(set(r["text"] for r in toy_rows(30, seed=9)))
     assert "test" not in ds.splits
 
 
@@ -138,7 +138,7 @@ def test_split_files_round_trip_label_names(tmp_path):
     ds = D.load_dataset(DataConfig(train=str(path)))
     from finetune_core.pipeline import _write_splits
 
-    _write_splits(ds, tmp_path / "splits")
+    _write_splits(ds, tmp_path / "splits", "text")
     first = json.loads((tmp_path / "splits" / "validation.jsonl").read_text().splitlines()[0])
     assert first["label"] in ("negative", "positive")
 
