@@ -3,7 +3,9 @@
 Each variant is built into a staging folder, proved (fp32: parity with PyTorch, or the export
 fails; int8/bf16: the accuracy gate, refusals are recorded but not stored), measured on the
 validation split (accuracy/macro-F1 or regression errors, batch-1 latency, throughput), and the
-whole folder is registered as one immutable version.
+whole folder is registered as one immutable version. Text and image models differ only in how the
+subject is loaded (`_text_subject`, `_image_subject`) and in int8: dynamic for text, static with
+calibration on training images for images.
 """
 
 from __future__ import annotations
@@ -15,26 +17,45 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import export, registry
 from .data import clean, encode_labels, read_examples, regression_targets
 from .errors import ConfigError, DataError
 from .evaluate import classification_metrics, regression_metrics
-from .model import load_trained
-from .predict import TextPredictor, eager_backend, onnx_backend, regression_values, torchscript_backend
+from .model import META_FILE, load_trained
+from .predict import (ImagePredictor, Predictor, TextPredictor, eager_backend, onnx_backend, regression_values,
+                      torchscript_backend)
 
 log = logging.getLogger(__name__)
 
 EXPORT_VARIANTS = ("onnx", "torchscript", "int8", "bf16")
 MODEL_FOLDER = "model"
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx"}
-# Single-text calls timed for the latency figure; the throughput figure is the whole validation pass.
+# Single-input calls timed for the latency figure; the throughput figure is the whole validation pass.
 LATENCY_SAMPLES = 20
+
+
+@dataclass
+class _Subject:
+    """The trained model and what proves it: its inputs, a reference predictor, validation rows."""
+
+    model: nn.Module
+    meta: dict
+    inputs: export.ModelInputs
+    reference: Predictor  # eager fp32
+    examples: list  # validation texts or image paths
+    targets: np.ndarray
+    batches: list[export.Batch]  # parity inputs
+    predictor: Callable[[export.Forward, str], Predictor]  # the same preprocessing around another backend
+    manifest_inputs: dict  # what a client must know about inputs: max_length, or the image spec
+    calibration: Callable[[], tuple[list[export.Batch], dict]] | None  # static int8 (images); None: dynamic
 
 
 def export_version(
@@ -54,32 +75,37 @@ def export_version(
     if unknown:
         raise ConfigError(f"variants: unknown {unknown}; choose from {', '.join(EXPORT_VARIANTS)}")
     model_dir = Path(model_dir)
+    if not (model_dir / META_FILE).is_file():
+        raise ConfigError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
     run_dir = model_dir.parent
     validation = Path(validation) if validation else run_dir / "splits" / "validation.jsonl"
-    if not validation.is_file():
-        raise DataError(f"validation file '{validation}' does not exist; pass --validation FILE (JSONL with text and label)")
-    model, tokenizer, meta = load_trained(model_dir)
-    texts, labels, _ = clean(*read_examples(validation, role="validation"))
-    targets = _targets(labels, meta)
+    if not validation.exists():
+        raise DataError(f"validation file '{validation}' does not exist; pass --validation FILE (JSONL with "
+                        f"text and label; for image models an image list or a class folder)")
+    task = json.loads((model_dir / META_FILE).read_text())["task"]
+    if task.startswith("image"):
+        subject = _image_subject(model_dir, validation, run_dir / "splits" / "train.jsonl", "int8" in variants)
+    else:
+        subject = _text_subject(model_dir, validation)
 
-    reference = TextPredictor(tokenizer, meta, eager_backend(model), "pytorch")
-    batches = export.parity_batches(reference.encode, texts, meta["max_length"])
-    fp32 = _measure(reference, texts, targets)
+    fp32 = _measure(subject.reference, subject.examples, subject.targets)
     entries = {"pytorch": dict(fp32, file=MODEL_FOLDER, accepted=True, reason="the trained model (reference)")}
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as scratch:
         staging = Path(scratch) / "version"
         shutil.copytree(model_dir, staging / MODEL_FOLDER)
         for variant in variants:
             start = time.perf_counter()
-            path, backend = _build(variant, model, tokenizer, staging, Path(scratch))
-            candidate = TextPredictor(tokenizer, meta, backend, variant)
+            path, backend, quantization = _build(variant, subject, staging, Path(scratch))
+            candidate = subject.predictor(backend, variant)
             if variant in ("onnx", "torchscript"):
-                proof = export.check_parity(reference.backend, backend, batches)  # raises when off
+                proof = export.check_parity(subject.reference.backend, backend, subject.batches)  # raises when off
                 accepted, reason = True, f"matches PyTorch within {proof['atol']:g} (max abs diff {proof['max_abs_diff']:.2g})"
-                measured = _measure(candidate, texts, targets)
+                measured = _measure(candidate, subject.examples, subject.targets)
             else:
-                proof = export.parity_figures(reference.backend, backend, batches)
-                measured = _measure(candidate, texts, targets)
+                proof = export.parity_figures(subject.reference.backend, backend, subject.batches)
+                if quantization:
+                    proof["quantization"] = quantization
+                measured = _measure(candidate, subject.examples, subject.targets)
                 accepted, reason = export.accuracy_gate(fp32, measured, gate_points)
                 if not accepted and path.is_file():
                     path.unlink()  # a refused variant is recorded, not stored
@@ -87,17 +113,18 @@ def export_version(
             entries[variant] = dict(measured, file=stored, proof=proof, accepted=accepted, reason=reason)
             log.info("%s: %s in %.1fs: %s", name, variant, time.perf_counter() - start, reason)
         metrics = _run_metrics(run_dir)
+        meta = subject.meta
         manifest = {
             "task": meta["task"],
             "labels": meta["labels"],
             "base_model": meta["base_model"],
-            "max_length": meta["max_length"],
+            **subject.manifest_inputs,
             "source_run": str(run_dir.resolve()),
             "training_metrics": metrics.get("train"),
             "validation_metrics": metrics.get("validation"),
             "proof": {
                 "validation_file": str(validation.resolve()),
-                "rows": len(texts),
+                "rows": len(subject.examples),
                 "gate_points": gate_points,
                 "parity_atol": export.PARITY_ATOL,
             },
@@ -106,46 +133,112 @@ def export_version(
         return registry.register(name, staging, manifest)
 
 
-def _build(variant: str, model, tokenizer, staging: Path, scratch: Path) -> tuple[Path, export.Forward]:
-    """Write one variant into staging; return its path and a backend running it."""
+def _text_subject(model_dir: Path, validation: Path) -> _Subject:
+    model, tokenizer, meta = load_trained(model_dir)
+    texts, labels, _ = clean(*read_examples(validation, role="validation"))
+    reference = TextPredictor(tokenizer, meta, eager_backend(model), "pytorch")
+    return _Subject(
+        model=model, meta=meta, inputs=export.text_inputs(tokenizer), reference=reference, examples=texts,
+        targets=_targets(labels, meta), batches=export.parity_batches(reference.encode, texts, meta["max_length"]),
+        predictor=lambda backend, variant: TextPredictor(tokenizer, meta, backend, variant),
+        manifest_inputs={"max_length": meta["max_length"]}, calibration=None,
+    )
+
+
+def _image_subject(model_dir: Path, validation: Path, train_list: Path, needs_calibration: bool) -> _Subject:
+    from .image_model import load_image_model
+    from .images import ImageSpec
+
+    if needs_calibration and not train_list.is_file():
+        raise DataError(f"int8 for image models calibrates on the run's training images, '{train_list}', which does "
+                        f"not exist; export from a run folder, or leave int8 out (--variants onnx,torchscript,bf16)")
+    model, meta = load_image_model(model_dir)
+    paths, labels = _image_rows(validation, "validation")
+    reference = ImagePredictor(meta, eager_backend(model), "pytorch")
+    # The first 16 validation images as the model sees them in serving: batches of 1, 4 and 16.
+    batches = export.image_parity_batches(reference.pixels(paths[:16]))
+    return _Subject(
+        model=model, meta=meta, inputs=export.image_inputs(meta["image_size"]), reference=reference, examples=paths,
+        targets=_targets(labels, meta), batches=batches,
+        predictor=lambda backend, variant: ImagePredictor(meta, backend, variant),
+        manifest_inputs={"arch": meta["arch"], **ImageSpec.from_meta(meta).meta()},
+        calibration=lambda: calibration_batches(train_list, reference),
+    )
+
+
+def _image_rows(source: Path, role: str) -> tuple[list[str], list]:
+    """Readable image paths and their labels from a class folder or an image list (JSONL/CSV: image, label)."""
+    from .images import clean_images, read_folder, read_list
+
+    found = read_folder(source, role) if source.is_dir() else read_list(source, "image", "label", role, None)
+    paths, labels, report = clean_images(*found)
+    if not paths:
+        raise DataError(f"{role} '{source}' has no readable images: {report['dropped']}")
+    return paths, labels
+
+
+def calibration_batches(train_list: Path, predictor: ImagePredictor, rows: int = export.CALIBRATION_ROWS,
+                        batch_size: int = export.CALIBRATION_BATCH) -> tuple[list[export.Batch], dict]:
+    """Evenly spaced training images (every class, since splits are written class by class), preprocessed.
+
+    Returns the batches and where they came from, for the proof.
+    """
+    paths, _ = _image_rows(train_list, "calibration")
+    picked = sorted(set(np.linspace(0, len(paths) - 1, min(rows, len(paths))).round().astype(int).tolist()))
+    pixels = predictor.pixels([paths[i] for i in picked])
+    batches = [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
+    return batches, {"source": str(train_list.resolve()), "selection": f"{len(picked)} evenly spaced of {len(paths)}",
+                     "transform": "evaluation (resize, centre crop, normalise)"}
+
+
+def _build(variant: str, subject: _Subject, staging: Path, scratch: Path) -> tuple[Path, export.Forward, dict | None]:
+    """Write one variant into staging; return its path, a backend running it, and int8's quantization details."""
+    model, inputs = subject.model, subject.inputs
     if variant == "onnx":
-        path = export.to_onnx(model, tokenizer, staging / FILES["onnx"])
-        return path, onnx_backend(path)
+        path = export.to_onnx(model, inputs, staging / FILES["onnx"])
+        return path, onnx_backend(path), None
     if variant == "torchscript":
-        path = export.to_torchscript(model, tokenizer, staging / FILES["torchscript"])
-        return path, torchscript_backend(path, export.model_input_names(tokenizer))
+        path = export.to_torchscript(model, inputs, staging / FILES["torchscript"])
+        return path, torchscript_backend(path, inputs.names), None
     if variant == "int8":
         fp32_onnx = staging / FILES["onnx"]
         if not fp32_onnx.is_file():
-            fp32_onnx = export.to_onnx(model, tokenizer, scratch / FILES["onnx"])
-        path = export.quantize_int8(fp32_onnx, staging / FILES["int8"], per_channel=export.DEFAULT_PER_CHANNEL)
-        return path, onnx_backend(path)
+            fp32_onnx = export.to_onnx(model, inputs, scratch / FILES["onnx"])
+        if subject.calibration is None:
+            path = export.quantize_int8(fp32_onnx, staging / FILES["int8"], per_channel=export.DEFAULT_PER_CHANNEL)
+            return path, onnx_backend(path), {"kind": "dynamic", "per_channel": export.DEFAULT_PER_CHANNEL}
+        batches, source = subject.calibration()
+        path, details = export.quantize_static_int8(fp32_onnx, staging / FILES["int8"], batches)
+        return path, onnx_backend(path), {**details, **source}
     # bf16: the model folder's weights converted at load time, so no file of its own.
-    return staging / MODEL_FOLDER, eager_backend(copy.deepcopy(model), torch.bfloat16)
+    return staging / MODEL_FOLDER, eager_backend(copy.deepcopy(model), torch.bfloat16), None
 
 
-def _measure(predictor: TextPredictor, texts: list[str], targets: np.ndarray) -> dict:
-    """Quality on the validation split, batch-1 latency and whole-split throughput."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per chunk
+def _measure(predictor: Predictor, examples: list, targets: np.ndarray) -> dict:
+    """Quality on the validation split, batch-1 latency and whole-split throughput (preprocessing included)."""
+    if isinstance(predictor, TextPredictor):
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # less padding per chunk
+    else:
+        order = list(range(len(examples)))
     start = time.perf_counter()
-    sorted_logits = predictor.logits([texts[i] for i in order])
+    sorted_logits = predictor.logits([examples[i] for i in order])
     elapsed = time.perf_counter() - start
     logits = np.empty_like(sorted_logits)
     logits[order] = sorted_logits
     timings = []
-    for text in texts[:LATENCY_SAMPLES]:
+    for example in examples[:LATENCY_SAMPLES]:
         start = time.perf_counter()
-        predictor.logits([text])
+        predictor.logits([example])
         timings.append(1000 * (time.perf_counter() - start))
-    if predictor.meta["task"] == "text-regression":
+    if predictor.meta["task"].endswith("regression"):
         quality = regression_metrics(targets, regression_values(logits, predictor.meta))
     else:
         quality = classification_metrics(targets, logits.argmax(-1), predictor.meta["labels"])
-    return dict(quality, latency_ms_batch1=statistics.median(timings), throughput_per_s=len(texts) / elapsed)
+    return dict(quality, latency_ms_batch1=statistics.median(timings), throughput_per_s=len(examples) / elapsed)
 
 
 def _targets(raw: list, meta: dict) -> np.ndarray:
-    if meta["task"] == "text-regression":
+    if meta["task"].endswith("regression"):
         return np.array(regression_targets(raw, "validation"))
     return np.array(encode_labels(raw, meta["labels"], "validation"))
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .export import DEFAULT_GATE_POINTS
 
 
@@ -19,15 +20,16 @@ def add_commands(subparsers) -> None:
     export.add_argument("--model", required=True, help="the trained model folder, RUN_DIR/model")
     export.add_argument("--name", required=True, help="registry name to add a version to")
     export.add_argument("--variants", default="onnx,torchscript,int8,bf16", help="comma-separated: onnx, torchscript, int8, bf16")
-    export.add_argument("--validation", help="JSONL with text and label (default: RUN_DIR/splits/validation.jsonl)")
+    export.add_argument("--validation", help="JSONL with text and label; image models: an image list (image, label) or a "
+                        "class folder (default: RUN_DIR/splits/validation.jsonl)")
     export.add_argument("--gate", type=float, default=DEFAULT_GATE_POINTS, help="accuracy points int8/bf16 may lose vs fp32")
     export.set_defaults(handler=_export)
 
     predict = subparsers.add_parser("predict", help="predict with a registered model")
     predict.add_argument("--model", required=True, help="NAME, NAME:vN, NAME:latest or NAME:production")
     predict.add_argument("--variant", help="pytorch, onnx, torchscript, int8 or bf16 (default: the fastest accepted one, int8 first)")
-    predict.add_argument("--top-k", type=int, default=None, help="how many label scores to return per text")
-    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.add_argument("--top-k", type=int, default=None, help="how many label scores to return per input")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="texts; for image models, image files")
     predict.set_defaults(handler=_predict)
 
     models = subparsers.add_parser("models", help="list, show, promote, roll back or delete registered models")
@@ -58,12 +60,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from . import registry
-    from .predict import load_predictor
+    from .predict import ImagePredictor, load_predictor
 
     name, ref = registry.parse_ref(args.model)
     info = registry.resolve(name, ref)
     predictor = load_predictor(info, args.variant)
-    _print({"model": info.ref, "variant": predictor.variant, "predictions": predictor.predict(args.texts, args.top_k)})
+    if isinstance(predictor, ImagePredictor):
+        missing = [path for path in args.inputs if not Path(path).is_file()]
+        if missing:
+            raise DataError(f"predict: {info.ref} is an image model and takes image files; not files: {', '.join(missing)}")
+    _print({"model": info.ref, "variant": predictor.variant, "predictions": predictor.predict(args.inputs, args.top_k)})
     return 0
 
 

@@ -57,8 +57,7 @@ def build_image_model(base_model: str, num_outputs: int, image_size: int = 0) ->
     import timm
 
     if base_model == DEFAULT_BASE_MODEL:
-        net = timm.create_model(DEFAULT_ARCH, pretrained=False)
-        _copy_in_order(_bundled_weights(), net)
+        net = bundled_lite0()
         net.reset_classifier(num_outputs)
         arch = DEFAULT_ARCH
     elif Path(base_model).is_dir() and (Path(base_model) / META_FILE).is_file():
@@ -82,6 +81,15 @@ def build_image_model(base_model: str, num_outputs: int, image_size: int = 0) ->
     spec = ImageSpec(size=size, resize=int(round(size / crop)), mean=tuple(cfg.get("mean", (0.5,) * 3)),
                      std=tuple(cfg.get("std", (0.5,) * 3)))
     return ImageModel(net, arch), spec
+
+
+def bundled_lite0() -> nn.Module:
+    """timm's tf_efficientnet_lite0 holding the packaged ImageNet weights, 1000-class head included."""
+    import timm
+
+    net = timm.create_model(DEFAULT_ARCH, pretrained=False)
+    _copy_in_order(_bundled_weights(), net)
+    return net
 
 
 def _bundled_weights() -> dict[str, torch.Tensor]:

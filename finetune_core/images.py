@@ -248,7 +248,9 @@ class ImageRows:
                         images.append(transform(img))
                 else:
                     images.append(transform(img))
-            return {"pixel_values": torch.stack(images), "labels": torch.tensor([self.targets[i] for i in indices], dtype=dtype)}
+            # channels_last: the layout oneDNN's convolutions want on CPU (measured 1.5-2x on EfficientNet-Lite0).
+            pixels = torch.stack(images).contiguous(memory_format=torch.channels_last)
+            return {"pixel_values": pixels, "labels": torch.tensor([self.targets[i] for i in indices], dtype=dtype)}
 
         workers = loader_workers()
         return DataLoader(range(len(self.paths)), batch_sampler=batches, collate_fn=collate, num_workers=workers,

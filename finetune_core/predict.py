@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("pytorch", "onnx", "torchscript", "int8", "bf16")
 # When no variant is asked for, the first accepted of these. int8 (accepted only within the accuracy
 # gate) was the fastest everywhere in bench/inference.py on 2 cores: 2.0-4.0x eager fp32 from batch 1
-# to 32, against 1.4-2.0x for bf16 and 0.9-2.1x for ONNX fp32; then the exact fp32 variants.
+# to 32, against 1.4-2.0x for bf16 and 0.9-2.1x for ONNX fp32; then the exact fp32 variants. Images
+# (EfficientNet-Lite0 at 224, static int8, 1 thread): int8 1.3-2.0x ONNX fp32, which is 2.1-5.4x eager.
 DEFAULT_ORDER = ("int8", "onnx", "torchscript", "pytorch")
 # Rows per forward pass when predict() is given many texts: bounds memory, keeps CPU caches warm.
 CHUNK_SIZE = 32
@@ -39,6 +40,7 @@ class Predictor(Protocol):
 
     variant: str
     meta: dict  # the model's finetune_serve.json: task, labels, input limits
+    backend: Forward  # model inputs by name -> logits
 
     def logits(self, inputs: Sequence) -> np.ndarray:
         """Raw model outputs, one row per input."""
@@ -108,6 +110,8 @@ class ImagePredictor:
                 out.append(pixel_values([image], self.spec))
             except DataError as err:
                 raise DataError(f"image {index}: {err}") from None
+            except FileNotFoundError:
+                raise DataError(f"image {index}: file '{image}' does not exist") from None
             except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated, bad header
                 raise DataError(f"image {index}: not a decodable image ({err})") from None
         size = self.spec.size
@@ -123,6 +127,8 @@ class ImagePredictor:
         return self.logits_from_pixels(self.pixels(images))
 
     def predict(self, images: Sequence, top_k: int | None = None) -> list[dict]:
+        if isinstance(images, (str, Path, bytes, bytearray)):
+            raise ConfigError("predict: pass a list of images, not a single path or bytes")
         return results(self.logits(list(images)), self.meta, top_k)
 
 
@@ -189,6 +195,7 @@ def torchscript_backend(path: str | Path, input_names: list[str]) -> Forward:
     """A frozen TorchScript module taking the inputs positionally in `input_names` order."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # known: TorchScript sits behind this one function
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load: "deprecated, switch to torch.export"
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def forward(batch: Batch) -> np.ndarray:
@@ -199,7 +206,9 @@ def torchscript_backend(path: str | Path, input_names: list[str]) -> Forward:
 
 
 def eager_backend(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Forward:
-    """The transformers model itself, on CUDA when present. Converts `model` in place to `dtype`.
+    """The PyTorch model itself, on CUDA when present. Converts `model` in place to `dtype`.
+
+    Floating inputs (pixel_values) are cast to `dtype` too; integer ones (token ids) stay as they are.
 
     bf16 as weights (model.to(bfloat16)) rather than autocast: on MiniLM fine-tuned on SST-2, batch
     32 x 128 tokens, 2 AVX512-BF16 cores, bf16 weights ran 81-102 seq/s, autocast 80-82, fp32 45-49,
@@ -210,10 +219,14 @@ def eager_backend(model: torch.nn.Module, dtype: torch.dtype = torch.float32) ->
 
     def forward(batch: Batch) -> np.ndarray:
         with torch.inference_mode():
-            inputs = {name: torch.from_numpy(array).to(device) for name, array in batch.items()}
+            inputs = {name: _to(torch.from_numpy(array), device, dtype) for name, array in batch.items()}
             return logits_of(model(**inputs)).float().cpu().numpy()
 
     return forward
+
+
+def _to(tensor: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
 def load_predictor(
@@ -224,8 +237,6 @@ def load_predictor(
     allow_spinning: bool = True,
 ) -> Predictor:
     """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
-    from transformers import AutoTokenizer
-
     variants = info.manifest["variants"]
     usable = [v for v in VARIANTS if variants.get(v, {}).get("accepted")]
     if variant is None:
@@ -249,6 +260,8 @@ def load_predictor(
     if meta["task"].startswith("image"):
         return ImagePredictor(meta, _image_backend(info, variant, model_dir, intra_op_threads, inter_op_threads,
                                                    allow_spinning), variant)
+    from transformers import AutoTokenizer  # text models only: an image predictor loads without transformers
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if variant in ("onnx", "int8"):
         backend = onnx_backend(registry.variant_file(info, variant), intra_op_threads, inter_op_threads,

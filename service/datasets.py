@@ -1,6 +1,16 @@
 """Uploaded datasets: stored under FINETUNE_SERVE_HOME/datasets by an id we choose, validated on upload.
 
+A table (JSONL, CSV, TSV, Parquet) is stored as one file, `datasets/<id><suffix>`. A zip of images
+is extracted into its own folder, `datasets/<id>/`, and holds either the folder layout
+(`train/<class>/*.png`, optional `val/` or `validation/` and `test/`, or just `<class>/*.png`),
+optionally under one top folder, or one JSONL/CSV list of image paths and labels beside its images.
+Every image is decoded once on upload: the answer counts images per split and class and names the
+unreadable ones (training skips them too).
+
 The user's file name only chooses the format (by its suffix); it never becomes part of a path.
+Names inside a zip become paths only after checks: no absolute paths, no `..`, no links or special
+files, at most FINETUNE_SERVE_MAX_ZIP_ENTRIES entries and FINETUNE_SERVE_MAX_EXTRACTED_MB in all,
+and no entry that expands suspiciously (a zip bomb). `__MACOSX/` and dotfiles are skipped.
 """
 
 from __future__ import annotations
@@ -8,16 +18,38 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import stat
 import uuid
+import zipfile
+import zlib
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
+from fastapi.concurrency import run_in_threadpool
+
+from finetune_core import images
 from finetune_core.data import FORMATS, read_table
 from finetune_core.errors import DataError, FinetuneError
 
 MAX_UPLOAD_ENV = "FINETUNE_SERVE_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 100
+MAX_EXTRACTED_ENV = "FINETUNE_SERVE_MAX_EXTRACTED_MB"
+DEFAULT_MAX_EXTRACTED_MB = 2048
+MAX_ENTRIES_ENV = "FINETUNE_SERVE_MAX_ZIP_ENTRIES"
+DEFAULT_MAX_ENTRIES = 100_000
+# Images barely compress (PNG, JPEG: 1-3x) and JSONL/CSV lists 5-20x; a zip bomb expands 1000x and more.
+MAX_COMPRESSION_RATIO = 100
+# Entries smaller than this are not judged by their ratio (a tiny blank PNG compresses well); the total limit holds them.
+RATIO_CHECK_BYTES = 1 << 20
+ZIP = ".zip"
+TABLE, IMAGE_FOLDER, IMAGE_LIST = "table", "image-folder", "image-list"
+IMAGE_KINDS = (IMAGE_FOLDER, IMAGE_LIST)
+DEFAULT_COLUMNS = {"image_column": "image", "label_column": "label"}
+# Label counts reported for an image list with at most this many distinct labels.
+MAX_REPORTED_LABELS = 1000
 _ID = re.compile(r"ds-[0-9a-f]{16}")
 
 
@@ -29,20 +61,70 @@ class UnknownDataset(FinetuneError):
     """A dataset id that was never uploaded."""
 
 
+class UnsafeArchive(DataError):
+    """A zip refused for what it holds (traversal, links, a bomb), not for being malformed."""
+
+    field = "file"
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What POST /datasets answers; `extra` holds an image dataset's counts."""
+
     id: str
-    rows: int
+    rows: int  # table rows, or readable images
     columns: list[str]
     format: str
     bytes: int
+    kind: str = TABLE
+    extra: dict = field(default_factory=dict)
 
     def public(self) -> dict:
-        return {"id": self.id, "rows": self.rows, "columns": self.columns, "format": self.format, "bytes": self.bytes}
+        return {"id": self.id, "kind": self.kind, "rows": self.rows, "columns": self.columns, "format": self.format,
+                "bytes": self.bytes, **self.extra}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An uploaded dataset as jobs and /evaluate use it."""
+
+    id: str
+    kind: str  # TABLE, IMAGE_FOLDER or IMAGE_LIST
+    path: Path  # the table, the extracted dataset root (or class folder), or the image list
+    folder: Path | None  # image datasets: everything extracted from the zip (image lists' paths stay inside)
+    splits: dict[str, Path]  # image folders: the split folders found (train; validation, test when present)
+    columns: dict[str, str]  # image lists: {"image_column", "label_column"} the upload was checked with
+
+    def column(self, name: str, given: str | None) -> str:
+        """A request's image_column / label_column, else the one an image list was checked with, else the default."""
+        if given:
+            return given
+        return self.columns[name] if name in self.columns else DEFAULT_COLUMNS[name]
+
+    def held_out(self, role: str) -> Path:
+        """What a `validation` / `test` request field or /evaluate reads: that split, else test, validation, train."""
+        if self.kind != IMAGE_FOLDER:
+            return self.path
+        for name in (role, "test", "validation", "train"):
+            if name in self.splits:
+                return self.splits[name]
+        return self.path
 
 
 def max_upload_bytes() -> int:
-    return int(float(os.environ.get(MAX_UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB)) * 1024 * 1024)
+    return _megabytes(MAX_UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB)
+
+
+def max_extracted_bytes() -> int:
+    return _megabytes(MAX_EXTRACTED_ENV, DEFAULT_MAX_EXTRACTED_MB)
+
+
+def max_entries() -> int:
+    return int(os.environ.get(MAX_ENTRIES_ENV) or DEFAULT_MAX_ENTRIES)
+
+
+def _megabytes(env: str, default: float) -> int:
+    return int(float(os.environ.get(env) or default) * 1024 * 1024)
 
 
 def datasets_dir() -> Path:
@@ -53,13 +135,19 @@ def datasets_dir() -> Path:
 
 def format_of(filename: str | None) -> str:
     suffix = Path(filename or "").suffix.lower()
-    if suffix not in FORMATS:
-        raise DataError(f"file: cannot tell the format of '{filename}'; name it with one of {', '.join(sorted(FORMATS))}")
+    if suffix not in FORMATS and suffix != ZIP:
+        raise DataError(f"file: cannot tell the format of '{filename}'; name it with one of "
+                        f"{', '.join(sorted([*FORMATS, ZIP]))} (.zip: images)")
     return suffix
 
 
-async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit: int) -> DatasetInfo:
-    """Write the upload in chunks (refusing it once over `limit` bytes), validate it, record it."""
+async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit: int, image_column: str = "image",
+                      label_column: str = "label") -> DatasetInfo:
+    """Write the upload in chunks (refusing it once over `limit` bytes), validate it, record it.
+
+    A zip is extracted and its images checked; image_column and label_column name the columns of
+    an image list inside it.
+    """
     suffix = format_of(filename)
     folder = datasets_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +162,11 @@ async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit:
                     raise TooLarge(f"file: larger than the upload limit of {limit / 2**20:g} MiB "
                                    f"(set {MAX_UPLOAD_ENV} to raise it)")
                 f.write(chunk)
+        if suffix == ZIP:
+            try:  # extracting and decoding every image takes a while: off the event loop
+                return await run_in_threadpool(_save_zip, partial, dataset_id, filename, size, image_column, label_column)
+            finally:
+                partial.unlink(missing_ok=True)  # extracted or refused: the archive itself is not kept
         try:
             rows, columns = read_table(partial, "uploaded")
         except DataError as err:
@@ -84,16 +177,201 @@ async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit:
     final = folder / f"{dataset_id}{suffix}"
     os.replace(partial, final)
     info = DatasetInfo(dataset_id, len(rows), sorted(columns), FORMATS[suffix], size)
-    (folder / f"{dataset_id}.json").write_text(json.dumps({**info.public(), "file": final.name, "filename": filename}))
+    _record(dataset_id, {**info.public(), "file": final.name, "filename": filename})
     return info
 
 
-def path_of(dataset_id: str, field: str) -> Path:
-    """The stored file of an uploaded dataset; `field` names the request field in the error."""
+def lookup(dataset_id: str, field: str) -> Stored:
+    """An uploaded dataset by id; `field` names the request field in the error."""
     if not isinstance(dataset_id, str) or not _ID.fullmatch(dataset_id):
         raise UnknownDataset(f"{field}: '{str(dataset_id)[:80]}' is not a dataset id (like ds-0123456789abcdef); "
                              "upload the file with POST /datasets first")
-    record = datasets_dir() / f"{dataset_id}.json"
-    if not record.is_file():
+    path = datasets_dir() / f"{dataset_id}.json"
+    if not path.is_file():
         raise UnknownDataset(f"{field}: no dataset '{dataset_id}'; upload the file with POST /datasets first")
-    return datasets_dir() / json.loads(record.read_text())["file"]
+    record = json.loads(path.read_text())
+    base = datasets_dir()
+    if "stored" not in record:  # a table (records written before zips were accepted have no kind either)
+        return Stored(dataset_id, TABLE, base / record["file"], None, {}, {})
+    stored = record["stored"]
+    return Stored(dataset_id, record["kind"], base / stored["path"], base / stored["folder"],
+                  {role: base / p for role, p in stored["splits"].items()}, stored["columns"])
+
+
+def _record(dataset_id: str, record: dict) -> None:
+    (datasets_dir() / f"{dataset_id}.json").write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------- zips of images
+
+
+def _save_zip(archive: Path, dataset_id: str, filename: str | None, size: int, image_column: str,
+              label_column: str) -> DatasetInfo:
+    """Extract into datasets/<id>/, find the layout, decode every image once, record what was found."""
+    folder = datasets_dir().resolve()  # the core resolves image paths: compare like with like
+    partial = folder / f".{dataset_id}.part"
+    try:
+        extract_zip(archive, partial)
+        base = dataset_base(partial)
+        kind, path, extra, stored = describe_images(base, partial, image_column, label_column)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, folder / dataset_id)
+
+    def relative(p: Path) -> str:
+        return (Path(dataset_id) / p.relative_to(partial)).as_posix()
+
+    info = DatasetInfo(dataset_id, extra.pop("rows"), extra.pop("columns"), "zip", size, kind, extra)
+    _record(dataset_id, {**info.public(), "filename": filename, "stored": {
+        "path": relative(path), "folder": dataset_id, "splits": {role: relative(p) for role, p in stored["splits"].items()},
+        "columns": stored["columns"]}})
+    return info
+
+
+def extract_zip(archive: Path, target: Path) -> int:
+    """Extract the zip's regular files into `target` (a new folder) after checking every entry; returns how many."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:
+        raise DataError(f"file: not a readable zip archive ({err})") from None
+    with zf:
+        entries = zf.infolist()
+        if len(entries) > max_entries():
+            raise UnsafeArchive(f"file: the zip holds {len(entries)} entries; at most {max_entries()} are accepted "
+                                f"(set {MAX_ENTRIES_ENV} to raise it)")
+        budget = max_extracted_bytes()
+        declared = sum(entry.file_size for entry in entries)
+        if declared > budget:
+            raise UnsafeArchive(f"file: the zip expands to {declared / 2**20:.1f} MiB; at most {budget / 2**20:g} MiB "
+                                f"are accepted (set {MAX_EXTRACTED_ENV} to raise it)")
+        chosen, seen = [], set()
+        for entry in entries:
+            parts = entry_parts(entry)
+            if parts is None:
+                continue
+            if parts in seen:
+                raise DataError(f"file: the zip holds '{entry.filename[:200]}' twice")
+            seen.add(parts)
+            chosen.append((entry, parts))
+        target.mkdir()
+        written = files = 0
+        for entry, parts in chosen:
+            destination = target.joinpath(*parts)
+            try:
+                if entry.is_dir():
+                    destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                out = destination.open("xb")  # never follows or overwrites anything
+            except OSError as err:
+                raise DataError(f"file: entry '{entry.filename[:200]}' cannot be written as a file ({err.strerror}); "
+                                "does another entry have the same name?") from None
+            with out:
+                try:
+                    with zf.open(entry) as source:
+                        while chunk := source.read(1 << 20):
+                            written += len(chunk)
+                            if written > budget:  # sizes in the zip's directory can lie; the bytes cannot
+                                raise UnsafeArchive(f"file: the zip expands past {budget / 2**20:g} MiB "
+                                                    f"(set {MAX_EXTRACTED_ENV} to raise it)")
+                            out.write(chunk)
+                except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as err:
+                    raise DataError(f"file: entry '{entry.filename[:200]}' cannot be extracted ({err})") from None
+            files += 1
+    return files
+
+
+def entry_parts(entry: zipfile.ZipInfo) -> tuple[str, ...] | None:
+    """The entry's path as safe parts, None for an entry to skip; UnsafeArchive for one to refuse."""
+    name = entry.filename
+    shown = name[:200]
+    if name.startswith("/") or "\\" in name or "\x00" in name or re.match(r"[A-Za-z]:", name):
+        raise UnsafeArchive(f"file: entry '{shown}' has an absolute or non-portable path; zip the dataset folder "
+                            "with relative paths")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise UnsafeArchive(f"file: entry '{shown}' points outside the archive ('..'); zip the dataset folder itself")
+    kind = stat.S_IFMT(entry.external_attr >> 16)  # the Unix file type, where the zip was made on Unix
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        what = "a symbolic link" if kind == stat.S_IFLNK else "a special file"
+        raise UnsafeArchive(f"file: entry '{shown}' is {what}; only regular files and folders are accepted")
+    if not parts or parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts):
+        return None  # macOS resource forks, .DS_Store, hidden files and folders
+    if entry.flag_bits & 0x1:
+        raise DataError(f"file: entry '{shown}' is encrypted; upload a zip without a password")
+    if entry.file_size > RATIO_CHECK_BYTES and entry.file_size > MAX_COMPRESSION_RATIO * max(entry.compress_size, 1):
+        raise UnsafeArchive(f"file: entry '{shown}' expands {entry.file_size / max(entry.compress_size, 1):.0f} times "
+                            f"({entry.file_size / 2**20:.1f} MiB); refused as a likely zip bomb "
+                            f"(at most {MAX_COMPRESSION_RATIO} times)")
+    return parts
+
+
+def dataset_base(root: Path) -> Path:
+    """The dataset inside the extracted folder: the folder itself, or its one top folder."""
+    children = list(root.iterdir())
+    if len(children) == 1 and children[0].is_dir() and not _has_images(children[0]):
+        return children[0]
+    return root
+
+
+def describe_images(base: Path, root: Path, image_column: str, label_column: str) -> tuple[str, Path, dict, dict]:
+    """(kind, the path jobs read, the upload's answer, what to store) for an extracted image dataset."""
+    lists = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    try:
+        if len(lists) > 1:
+            names = ", ".join(p.name for p in lists[:5])
+            raise DataError(f"the zip holds {len(lists)} lists ({names}); put one image list per zip")
+        if lists:
+            return _describe_list(lists[0], root, image_column, label_column)
+        return _describe_folder(base, root)
+    except DataError as err:  # the core's messages name our folders: name the paths inside the zip instead
+        message = str(err).replace(f"{root}/", "").replace(str(root), ".")
+        raise DataError(message if message.startswith(("image_column:", "label_column:")) else f"file: {message}") from None
+
+
+def _describe_folder(base: Path, root: Path) -> tuple[str, Path, dict, dict]:
+    splits = {role: Path(p) for role, p in images.layout(str(base), None, None).items()}
+    summary, unreadable, labels, total = {}, [], set(), 0
+    for role, folder in splits.items():
+        kept, kept_labels, report = images.clean_images(*images.read_folder(folder, role))
+        summary[role] = {"images": len(kept), "classes": dict(sorted(Counter(kept_labels).items())),
+                         "dropped": report["dropped"]}
+        unreadable += report.get("bad_images", [])
+        labels.update(kept_labels)
+        total += len(kept)
+    if not total:
+        raise DataError("no readable images in the zip")
+    extra = {"rows": total, "columns": [], "labels": sorted(labels), "splits": summary,
+             "unreadable": _relative_files(unreadable, root)}
+    return IMAGE_FOLDER, base, extra, {"splits": splits, "columns": {}}
+
+
+def _describe_list(path: Path, root: Path, image_column: str, label_column: str) -> tuple[str, Path, dict, dict]:
+    _, columns = read_table(path, "list")
+    for column, name in ((image_column, "image_column"), (label_column, "label_column")):
+        if column not in columns:
+            raise DataError(f"{name}: the list '{path.name}' has no column '{column}' (its columns: "
+                            f"{', '.join(sorted(columns)) or 'none'}); name it with the {name} form field")
+    paths, labels = images.read_list(path, image_column, label_column, "list", str(root))
+    kept, kept_labels, report = images.clean_images(paths, labels)
+    if not kept:
+        raise DataError(f"the list '{path.name}' names no readable images: {report['dropped']}")
+    counts = Counter(str(label) for label in kept_labels)
+    summary = {"images": len(kept), "dropped": report["dropped"]}
+    if len(counts) <= MAX_REPORTED_LABELS:  # a regression list has as many labels as rows
+        summary["classes"] = dict(sorted(counts.items()))
+    extra = {"rows": len(kept), "columns": sorted(columns), "list": path.relative_to(root).as_posix(),
+             "image_column": image_column, "label_column": label_column, "images": summary,
+             "unreadable": _relative_files(report.get("bad_images", []), root)}
+    return IMAGE_LIST, path, extra, {"splits": {}, "columns": {"image_column": image_column, "label_column": label_column}}
+
+
+def _relative_files(bad: list[dict], root: Path) -> list[dict]:
+    """The unreadable files by their paths inside the zip: the server's own folders are not the caller's business."""
+    return [{"file": Path(b["file"]).resolve().relative_to(root).as_posix(), "reason": b["reason"].replace(f"{root}/", "")}
+            for b in bad]
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in images.IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file())

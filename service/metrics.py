@@ -28,6 +28,10 @@ class Metrics:
     training_loss: object  # Gauge
     training_samples_per_second: object  # Gauge
     dataset_uploads: object  # Counter: outcome (accepted | rejected), reason
+    images_predicted: object  # Counter: input (base64 | multipart | v2_bytes | v2_uint8 | v2_fp32)
+    image_decode_failures: object  # Counter: reason (base64 | too_large | undecodable | tensor)
+    image_decode_seconds: object  # Histogram: decoding and preprocessing one request's images
+    image_bytes: object  # Histogram: size of one encoded image received
 
     def __post_init__(self):
         self._models: set[str] = set()
@@ -57,10 +61,10 @@ def make_metrics() -> Metrics:
                             ["model", "variant", "outcome"]),
         prediction_latency=Histogram("finetune_prediction_latency_seconds", "Time to answer a /predict request",
                                      ["variant"], buckets=latency),
-        prediction_batch=Histogram("finetune_prediction_batch_size", "Texts per /predict request",
+        prediction_batch=Histogram("finetune_prediction_batch_size", "Inputs (texts or images) per /predict request",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
         inference_batch=Histogram("finetune_inference_batch_size",
-                                  "Texts per inference batch, after merging concurrent /predict requests",
+                                  "Inputs per inference batch, after merging concurrent /predict requests",
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
         model_load=Histogram("finetune_model_load_seconds", "Time to load a predictor",
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
@@ -74,4 +78,14 @@ def make_metrics() -> Metrics:
                                           "Training throughput of the running job", multiprocess_mode="mostrecent"),
         dataset_uploads=Counter("finetune_dataset_uploads", "Dataset uploads by outcome and reason",
                                 ["outcome", "reason"]),
+        images_predicted=Counter("finetune_images_predicted", "Images answered by /predict and V2 infer, by input kind",
+                                 ["input"]),
+        image_decode_failures=Counter("finetune_image_decode_failures",
+                                      "Request images refused: bad base64, too large, undecodable, bad tensor",
+                                      ["reason"]),
+        image_decode_seconds=Histogram("finetune_image_decode_seconds",
+                                       "Time to decode and preprocess one request's images",
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)),
+        image_bytes=Histogram("finetune_image_bytes", "Size of one encoded image received",
+                              buckets=(1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)),
     )

@@ -16,8 +16,14 @@ from finetune_core.config import config_from_dict
 from finetune_core.errors import ConfigError
 from finetune_core.registry import validate_name
 
-# Inputs one /predict call may carry; more is a 413.
+# Inputs (texts or images) one /predict call may carry; more is a 413.
 MAX_PREDICT_INPUTS = 256
+# Bytes of one encoded image in /predict or V2 infer (before base64); more is a 413.
+MAX_IMAGE_BYTES = 10 << 20
+# Bytes of all texts of one /predict call together; more is a 413 (the body may be larger for images).
+MAX_TEXT_BYTES = 1 << 20
+# Bytes of one /predict or V2 infer body: a few large photos in base64, or a batch of small ones.
+MAX_PREDICT_BODY = 32 << 20
 DEFAULT_VARIANTS = ["onnx", "int8"]
 
 
@@ -49,15 +55,22 @@ class Hyperparameters(Strict):
     num_threads: int | None = Field(None, description="CPU threads for training; default: half the cores")
     split_seed: int | None = None
     min_rows_per_class: int | None = None
+    image_size: int | None = Field(None, description="image tasks: square input in pixels; 0 or unset: the model's own (224)")
+    augment: bool | None = Field(None, description="image tasks: random crop, flip, rotation, colour jitter in training")
+    horizontal_flip: bool | None = Field(None, description="image tasks: part of augment; off where mirroring changes the label")
+    regression_loss: Literal["mse", "huber"] | None = None
 
 
 class FinetuneRequest(Strict):
-    task: Literal["text-classification", "text-regression"] = "text-classification"
-    base_model: str = Field("default", description='"default" (bundled MiniLM), a local folder or a hub id')
-    train: str = Field(description="a dataset id from POST /datasets")
+    task: Literal["text-classification", "text-regression", "image-classification", "image-regression"] = \
+        "text-classification"
+    base_model: str = Field("default", description='"default" (bundled MiniLM for text, EfficientNet-Lite0 for images), '
+                                                   "a local folder, a hub id or a timm model name")
+    train: str = Field(description="a dataset id from POST /datasets (a table for text tasks, a zip of images for image tasks)")
     validation: str | None = None
     test: str | None = None
     text_column: str | None = None
+    image_column: str | None = Field(None, description="image lists: default the one the upload was checked with")
     label_column: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     variants: list[Literal["onnx", "int8", "torchscript", "bf16"]] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
@@ -68,7 +81,8 @@ class PredictRequest(Strict):
     model: str | None = Field(None, description="a registered model name; optional when only one model exists")
     version: str | None = Field(None, description="vN, 'production' or 'latest' (default: production, else latest)")
     variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
-    inputs: list[str]
+    inputs: list[str] | None = Field(None, description="texts, for a text model")
+    images: list[str] | None = Field(None, description="base64-encoded images (JPEG, PNG, ...), for an image model")
     top_k: int | None = Field(None, ge=1)
 
 
@@ -76,9 +90,11 @@ class EvaluateRequest(Strict):
     model: str
     version: str | None = None
     variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
-    data: str = Field(description="a dataset id from POST /datasets")
+    data: str = Field(description="a dataset id from POST /datasets; image folders: its test split, else validation, "
+                                  "else train")
     text_column: str = "text"
-    label_column: str = "label"
+    image_column: str | None = Field(None, description="image lists: default the one the upload was checked with")
+    label_column: str | None = Field(None, description='default "label" (image lists: the upload\'s)')
 
 
 class PromoteRequest(Strict):
@@ -95,7 +111,7 @@ class FieldError(ConfigError):
 
 # Where each core config field comes from in the request.
 _DATA_FIELDS = {"train": "train", "validation": "validation", "test": "test", "text_column": "text_column",
-                "label_column": "label_column", "task": "task"}
+                "label_column": "label_column", "image_column": "image_column", "task": "task"}
 _MODEL_FIELDS = {"base_model": "base_model"}
 _CORE_FIELD = re.compile(r"^(data|model|train)\.([a-z_]+):\s*|^(freeze):\s*")
 
@@ -110,18 +126,21 @@ def request_field(core_field: str) -> str:
     return f"hyperparameters.{name}"
 
 
-def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str]) -> dict:
-    """Validate a fine-tune request through the core's config and return the job spec to store."""
+def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defaults: dict | None = None) -> dict:
+    """Validate a fine-tune request through the core's config and return the job spec to store.
+
+    data_defaults: data fields the datasets supply (an image list's columns, image_root) unless the request sets them.
+    """
     try:
         validate_name(request.model_name)
     except ConfigError as err:
         raise FieldError("model_name", f"model_name: {err}") from None
     hp = request.hyperparameters.model_dump(exclude_none=True)
-    data = {"task": request.task, **dataset_paths}
-    for name in ("text_column", "label_column"):
+    data = {"task": request.task, **(data_defaults or {}), **dataset_paths}
+    for name in ("text_column", "image_column", "label_column"):
         if getattr(request, name) is not None:
             data[name] = getattr(request, name)
-    for name in ("max_length", "split_seed", "min_rows_per_class"):
+    for name in ("max_length", "split_seed", "min_rows_per_class", "image_size", "augment", "horizontal_flip"):
         if name in hp:
             data[name] = hp.pop(name)
     model = {"base_model": request.base_model}

@@ -84,3 +84,23 @@ def real_run(tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir / "demo_stdout.txt").write_text(done.stdout)
     return run_dir
+
+
+def copy_images(source: Path, target: Path, classes: list[str], per_class: int) -> Path:
+    """A slice of a real class-folder image set: the first `per_class` files of each class."""
+    import shutil
+
+    for name in classes:
+        (target / name).mkdir(parents=True, exist_ok=True)
+        for file in sorted((source / name).iterdir())[:per_class]:
+            shutil.copy(file, target / name / file.name)
+    return target
+
+
+@pytest.fixture
+def digit_images(tmp_path) -> Path:
+    """A dataset root of real MNIST PNGs: train/ (3 classes x 20) and val/ (3 x 8)."""
+    root = tmp_path / "digits"
+    copy_images(SHARED_DATA / "mnist_png_small" / "train", root / "train", ["0", "1", "7"], 20)
+    copy_images(SHARED_DATA / "mnist_png_small" / "validation", root / "val", ["0", "1", "7"], 8)
+    return root

@@ -46,9 +46,9 @@ def test_parity_batches_cover_sizes_lengths_and_padding(batches):
 def test_fp32_artifacts_match_pytorch(variant, reference, batches, tmp_path):
     predictor, model = reference
     if variant == "onnx":
-        candidate = onnx_backend(export.to_onnx(model, predictor.tokenizer, tmp_path / "m.onnx"))
+        candidate = onnx_backend(export.to_onnx(model, export.text_inputs(predictor.tokenizer), tmp_path / "m.onnx"))
     else:
-        candidate = torchscript_backend(export.to_torchscript(model, predictor.tokenizer, tmp_path / "m.pt"), predictor.input_names)
+        candidate = torchscript_backend(export.to_torchscript(model, export.text_inputs(predictor.tokenizer), tmp_path / "m.pt"), predictor.input_names)
     figures = export.check_parity(predictor.backend, candidate, batches)
     assert figures["max_abs_diff"] < 1e-5
     assert figures["argmax_agreement"] == 1.0
@@ -59,7 +59,7 @@ def test_onnx_graph_declares_dynamic_axes_and_only_tokenizer_inputs(reference, t
     import onnx
 
     predictor, model = reference
-    graph = onnx.load(str(export.to_onnx(model, predictor.tokenizer, tmp_path / "m.onnx"))).graph
+    graph = onnx.load(str(export.to_onnx(model, export.text_inputs(predictor.tokenizer), tmp_path / "m.onnx"))).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence"]
@@ -91,7 +91,7 @@ def test_check_parity_names_the_size_and_place_of_a_mismatch(reference, batches)
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_int8_quantization_runs_close_to_fp32(per_channel, reference, batches, tmp_path):
     predictor, model = reference
-    fp32 = export.to_onnx(model, predictor.tokenizer, tmp_path / "m.onnx")
+    fp32 = export.to_onnx(model, export.text_inputs(predictor.tokenizer), tmp_path / "m.onnx")
     int8 = export.quantize_int8(fp32, tmp_path / "m.int8.onnx", per_channel=per_channel)
     figures = export.parity_figures(predictor.backend, onnx_backend(int8), batches)
     assert 0 < figures["max_abs_diff"] < 0.5  # quantized: not identical, not wild
@@ -160,8 +160,8 @@ def test_real_minilm_exports_with_parity(tmp_path):
     rows = [json.loads(line) for line in (SHARED_DATA / "sst2" / "validation.jsonl").read_text().splitlines()[:64]]
     predictor = TextPredictor(tokenizer, {"max_length": 128}, eager_backend(model.eval()), "pytorch")
     batches = export.parity_batches(predictor.encode, [r["text"] for r in rows], 128)
-    onnx_figures = export.check_parity(predictor.backend, onnx_backend(export.to_onnx(model, tokenizer, tmp_path / "m.onnx")), batches)
-    ts = torchscript_backend(export.to_torchscript(model, tokenizer, tmp_path / "m.pt"), predictor.input_names)
+    onnx_figures = export.check_parity(predictor.backend, onnx_backend(export.to_onnx(model, export.text_inputs(tokenizer), tmp_path / "m.onnx")), batches)
+    ts = torchscript_backend(export.to_torchscript(model, export.text_inputs(tokenizer), tmp_path / "m.pt"), predictor.input_names)
     ts_figures = export.check_parity(predictor.backend, ts, batches)
     assert onnx_figures["argmax_agreement"] == ts_figures["argmax_agreement"] == 1.0
 

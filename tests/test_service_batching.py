@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from artifact_helpers import make_run
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +15,7 @@ from service_helpers import Server
 
 from finetune_core import predict, registry
 from finetune_core.artifacts import export_version
-from service.batching import GROUP_SIZE, Batcher, run_grouped
+from service.batching import GROUP_SIZE, Batcher, run_grouped, run_pixels
 
 TEXTS = [
     "the movie was really excellent", "a dull plot", "terrible", "quite a lovely film, the acting was superb",
@@ -143,6 +144,45 @@ def test_run_grouped_keeps_the_input_order():
     assert [r["label"] for r in run_grouped(echo, texts)] == texts
     assert all(len(call) <= GROUP_SIZE for call in echo.calls)
     assert [len(t) for call in echo.calls for t in call] == sorted(len(t) for t in texts)
+
+
+class PixelMeanPredictor:
+    """An image predictor stand-in: the logits are each image's mean pixel and its negative; records rows per pass."""
+
+    variant = "fake"
+    meta = {"task": "image-classification", "labels": ["bright", "dark"]}
+
+    def __init__(self):
+        self.passes: list[int] = []
+
+    def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        self.passes.append(len(pixels))
+        means = pixels.mean(axis=(1, 2, 3))
+        return np.stack([means, -means], axis=1)
+
+
+def test_image_requests_merge_and_run_in_passes_of_bounded_pixels():
+    fake = PixelMeanPredictor()
+    sizes = []
+    batcher = Batcher(max_batch=64, on_batch=sizes.append)
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(1 + i % 3, 3, 64, 64)).astype(np.float32) for i in range(12)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.predict("img", fake, pixels, 1 if i % 2 else None)
+                                      for i, pixels in enumerate(requests)))
+
+    answers = asyncio.run(all_at_once())
+    assert sizes == [24] and fake.passes == [16, 8]  # one batch; 64x64 images: 16 per 65,536-pixel pass
+    for i, (pixels, answer) in enumerate(zip(requests, answers, strict=True)):
+        expected = predict.results(np.stack([pixels.mean(axis=(1, 2, 3)), -pixels.mean(axis=(1, 2, 3))], axis=1),
+                                   fake.meta, 1 if i % 2 else None)
+        assert [r["label"] for r in answer] == [r["label"] for r in expected]
+        for got, want in zip(answer, expected, strict=True):
+            assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
+    fake.passes.clear()
+    run_pixels(fake, np.zeros((3, 3, 224, 224), dtype=np.float32))
+    assert fake.passes == [1, 1, 1]  # 224 px: one image per pass was fastest
 
 
 # ---------------------------------------------------------------- over real HTTP
