@@ -137,7 +137,9 @@ def load_image_model(model_dir: str | Path) -> tuple[ImageModel, dict]:
     outputs = len(meta["labels"]) if meta.get("labels") else 1
     net = timm.create_model(meta["arch"], pretrained=False, num_classes=outputs)
     net.load_state_dict(state)
-    return ImageModel(net, meta["arch"]).eval(), meta
+    # channels_last: oneDNN's fast layout for CPU convolutions. Eager inference on the hymenoptera model,
+    # 224 px, 2 cores: 29 -> 47 images/s at batch 32, 65 -> 76 at batch 1.
+    return ImageModel(net, meta["arch"]).to(memory_format=torch.channels_last).eval(), meta
 
 
 def freeze_image_model(model: ImageModel, policy: str) -> dict:

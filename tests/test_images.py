@@ -144,6 +144,6 @@ def test_saved_image_models_reload_to_the_same_outputs(tmp_path):
     save_image_model(model, {"task": "image-classification", "labels": ["a", "b", "c"], **spec.meta()}, tmp_path / "m")
     again, meta = load_image_model(tmp_path / "m")
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(model(x), again(x))
+    with torch.no_grad():  # the reloaded model runs channels_last: other kernels, the same function
+        assert torch.allclose(model(x), again(x), atol=1e-5)
     assert meta["arch"] == "tf_efficientnet_lite0" and meta["image_size"] == 64 and meta["resize_size"] == 73
