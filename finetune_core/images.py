@@ -33,10 +33,6 @@ REPORTED_BAD_FILES = 50
 MAX_PIXELS = 89_478_485
 
 
-def is_image_dataset(path: str | Path) -> bool:
-    return Path(path).is_dir()
-
-
 def layout(train: str, validation: str | None, test: str | None) -> dict[str, str]:
     """Role -> folder or list file. A root with a `train/` folder supplies its own val/test folders."""
     root = Path(train)
@@ -271,23 +267,17 @@ def loader_workers() -> int:
 
 
 def size_report(paths: list[str]) -> dict:
-    """Image width/height percentiles (from headers only) for the data report."""
+    """Image width/height percentiles and colour modes (from headers only) for the data report."""
     from PIL import Image
 
-    sizes = []
+    sizes, modes = [], Counter()
     for p in paths:
         with Image.open(p) as img:
             sizes.append(img.size)
+            modes[img.mode] += 1
     w, h = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
     return {
         "width": {"min": int(w.min()), "p50": int(np.median(w)), "max": int(w.max())},
         "height": {"min": int(h.min()), "p50": int(np.median(h)), "max": int(h.max())},
-        "modes": dict(Counter(_mode(p) for p in paths[:200])),
+        "modes": dict(modes),
     }
-
-
-def _mode(path: str) -> str:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.mode

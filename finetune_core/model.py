@@ -155,6 +155,11 @@ def freeze(model: nn.Module, policy: str) -> dict:
         raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")
     if any(m is None for m in frozen):
         raise ConfigError(f"freeze: policy '{policy}' needs a BERT-like model with embeddings and encoder.layer")
+    return freeze_modules(model, frozen, policy)
+
+
+def freeze_modules(model: nn.Module, frozen: list[nn.Module], policy: str) -> dict:
+    """Train everything but `frozen`; report the parameter counts (text and image policies share this)."""
     for p in model.parameters():
         p.requires_grad = True
     for module in frozen:

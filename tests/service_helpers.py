@@ -79,6 +79,19 @@ class Server:
         return self.log_path.read_bytes()[-chars:].decode(errors="replace")
 
 
+def serve_toy_model(folder: Path, tiny_base: Path, env: dict | None = None) -> Server:
+    """A started server whose registry holds one text model, "toy" v1 (ONNX), trained on the tiny BERT."""
+    import pytest
+    from artifact_helpers import make_run
+
+    from finetune_core.artifacts import export_version
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_SERVE_HOME", str(folder / "home"))
+        export_version(make_run(tiny_base, folder / "run"), "toy", variants=["onnx"])
+    return Server(folder / "home", folder / "server.log", env=env).start()
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below pid, read from /proc (children of children too)."""
     children: dict[int, list[int]] = {}

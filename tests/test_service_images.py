@@ -19,12 +19,10 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from artifact_helpers import make_run
 from conftest import SHARED_DATA
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import Server, upload, wait_for_job
+from service_helpers import serve_toy_model, upload, wait_for_job
 
-from finetune_core.artifacts import export_version
 
 MNIST = SHARED_DATA / "mnist_png_small"
 DIGITS = ("0", "1", "2")
@@ -75,11 +73,7 @@ def rgb(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_base):
-    folder = tmp_path_factory.mktemp("images")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_SERVE_HOME", str(folder / "home"))
-        export_version(make_run(tiny_base, folder / "run"), "toy", variants=["onnx"])
-    running = Server(folder / "home", folder / "server.log").start()
+    running = serve_toy_model(tmp_path_factory.mktemp("images"), tiny_base)
     yield running
     running.kill()
 

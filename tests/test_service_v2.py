@@ -12,11 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from artifact_helpers import LABELS, make_run
-from service_helpers import Server
+from artifact_helpers import LABELS
+from service_helpers import serve_toy_model
 from tritonclient.utils import InferenceServerException
-
-from finetune_core.artifacts import export_version
 
 KEY = "v2-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,11 +23,7 @@ TEXTS = ["a great film", "the plot was awful", "quite a lovely movie really", "d
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_base):
-    folder = tmp_path_factory.mktemp("v2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_SERVE_HOME", str(folder / "home"))
-        export_version(make_run(tiny_base, folder / "run"), "toy", variants=["onnx"])
-    running = Server(folder / "home", folder / "server.log", env={"FINETUNE_SERVE_API_KEY": KEY}).start()
+    running = serve_toy_model(tmp_path_factory.mktemp("v2"), tiny_base, env={"FINETUNE_SERVE_API_KEY": KEY})
     yield running
     running.kill()
 
