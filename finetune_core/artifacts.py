@@ -168,10 +168,9 @@ def _image_subject(model_dir: Path, validation: Path, train_list: Path, needs_ca
 
 def _image_rows(source: Path, role: str) -> tuple[list[str], list]:
     """Readable image paths and their labels from a class folder or an image list (JSONL/CSV: image, label)."""
-    from .images import clean_images, read_folder, read_list
+    from .images import read_images
 
-    found = read_folder(source, role) if source.is_dir() else read_list(source, "image", "label", role, None)
-    paths, labels, report = clean_images(*found)
+    paths, labels, report = read_images(source, role)
     if not paths:
         raise DataError(f"{role} '{source}' has no readable images: {report['dropped']}")
     return paths, labels

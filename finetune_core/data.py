@@ -312,13 +312,7 @@ def _read_rows(cfg, role: str, path: str) -> tuple[list, list, dict]:
     if not cfg.task.startswith("image"):
         texts, labels = read_examples(path, cfg.text_column, cfg.label_column, role)
         return clean(texts, labels, cfg.lowercase)
-    if not Path(path).exists():
-        raise DataError(f"{role} folder or image list '{path}' does not exist")
-    if Path(path).is_dir():
-        paths, labels = images.read_folder(path, role)
-    else:
-        paths, labels = images.read_list(path, cfg.image_column, cfg.label_column, role, cfg.image_root)
-    return images.clean_images(paths, labels)
+    return images.read_images(path, role, cfg.image_column, cfg.label_column, cfg.image_root)
 
 
 def class_report(dataset: Dataset) -> dict:

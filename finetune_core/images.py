@@ -89,6 +89,17 @@ def read_list(path: str | Path, image_column: str, label_column: str, role: str,
     return resolved, labels
 
 
+def read_images(source: str | Path, role: str, image_column: str = "image", label_column: str = "label",
+                root: str | None = None) -> tuple[list[str], list, dict]:
+    """Readable images and their raw labels from a class folder or an image list, and what was dropped."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{role} folder or image list '{source}' does not exist")
+    if source.is_dir():
+        return clean_images(*read_folder(source, role))
+    return clean_images(*read_list(source, image_column, label_column, role, root))
+
+
 def check_image(path: str) -> str | None:
     """None when the file decodes completely as an image, else why not (for the data report)."""
     from PIL import Image, UnidentifiedImageError

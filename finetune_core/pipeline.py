@@ -190,11 +190,10 @@ def evaluate_saved(model_dir: str | Path, data: str, text_column: str = "text", 
     image = meta["task"].startswith("image")
     if image:
         from .image_model import load_image_model
-        from .images import ImageRows, ImageSpec, clean_images, read_folder, read_list
+        from .images import ImageRows, ImageSpec, read_images
 
         model, meta = load_image_model(model_dir)
-        found = read_folder(data, "evaluation") if Path(data).is_dir() else read_list(data, "image", label_column, "evaluation", None)
-        inputs, labels, report = clean_images(*found)
+        inputs, labels, report = read_images(data, "evaluation", label_column=label_column)
     else:
         model, tokenizer, meta = load_trained(model_dir)
         inputs, labels, report = D.clean(*D.read_examples(data, text_column, label_column, "evaluation"), meta.get("lowercase", False))

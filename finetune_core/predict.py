@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -94,26 +95,29 @@ class ImagePredictor:
     """
 
     def __init__(self, meta: dict, backend: Forward, variant: str):
-        from .images import ImageSpec
+        from .images import ImageSpec, eval_transform
 
         self.meta = meta
         self.backend = backend
         self.variant = variant
         self.spec = ImageSpec.from_meta(meta)
+        self.transform = eval_transform(self.spec)  # built once, not per image
 
     def pixels(self, images: Sequence) -> np.ndarray:
-        from .images import pixel_values
+        from .images import open_rgb
 
         out = []
         for index, image in enumerate(images):
             try:
-                out.append(pixel_values([image], self.spec))
+                out.append(self.transform(open_rgb(image, self.spec)).numpy()[None])
             except DataError as err:
                 raise DataError(f"image {index}: {err}") from None
             except FileNotFoundError:
                 raise DataError(f"image {index}: file '{image}' does not exist") from None
             except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated, bad header
-                raise DataError(f"image {index}: not a decodable image ({err})") from None
+                # PIL names an in-memory file by its object repr ("<_io.BytesIO object at 0x...>"): leave it out.
+                why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+                raise DataError(f"image {index}: not a decodable image ({why})") from None
         size = self.spec.size
         return np.concatenate(out) if out else np.zeros((0, 3, size, size), dtype=np.float32)
 

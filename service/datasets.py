@@ -334,7 +334,7 @@ def _describe_folder(base: Path, root: Path) -> tuple[str, Path, dict, dict]:
     splits = {role: Path(p) for role, p in images.layout(str(base), None, None).items()}
     summary, unreadable, labels, total = {}, [], set(), 0
     for role, folder in splits.items():
-        kept, kept_labels, report = images.clean_images(*images.read_folder(folder, role))
+        kept, kept_labels, report = images.read_images(folder, role)
         summary[role] = {"images": len(kept), "classes": dict(sorted(Counter(kept_labels).items())),
                          "dropped": report["dropped"]}
         unreadable += report.get("bad_images", [])
@@ -353,8 +353,7 @@ def _describe_list(path: Path, root: Path, image_column: str, label_column: str)
         if column not in columns:
             raise DataError(f"{name}: the list '{path.name}' has no column '{column}' (its columns: "
                             f"{', '.join(sorted(columns)) or 'none'}); name it with the {name} form field")
-    paths, labels = images.read_list(path, image_column, label_column, "list", str(root))
-    kept, kept_labels, report = images.clean_images(paths, labels)
+    kept, kept_labels, report = images.read_images(path, "list", image_column, label_column, str(root))
     if not kept:
         raise DataError(f"the list '{path.name}' names no readable images: {report['dropped']}")
     counts = Counter(str(label) for label in kept_labels)

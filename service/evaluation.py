@@ -33,13 +33,9 @@ def evaluate_images(predictor, path: Path, image_column: str, label_column: str,
     Unreadable images are skipped and counted in `dropped`, as in training.
     """
     try:
-        if path.is_dir():
-            paths, labels = images.read_folder(path, "data")
-        else:
-            paths, labels = images.read_list(path, image_column, label_column, "data", str(folder))
+        paths, labels, report = images.read_images(path, "data", image_column, label_column, str(folder))
     except DataError as err:  # name paths inside the upload, not the server's folders
         raise DataError(str(err).replace(f"{folder}/", f"{name}:").replace(str(folder), name)) from None
-    paths, labels, report = images.clean_images(paths, labels)
     _check_rows(len(paths), report, name)
     return _figures(predictor.meta, predictor.logits(paths), labels, report, name)
 

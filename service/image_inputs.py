@@ -20,8 +20,6 @@ from finetune_core.errors import DataError
 from .schemas import MAX_IMAGE_BYTES
 
 _POSITION = re.compile(r"image (\d+): (.*)", re.S)
-# PIL names the in-memory file it could not read ("cannot identify image file <_io.BytesIO object at 0x7f...>").
-_BUFFER = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 class BadImage(Exception):
@@ -76,5 +74,5 @@ def decode(predictor, images: Sequence, base64_text: bool = False,
         found = _POSITION.match(str(err))
         if found is None:
             raise
-        raise BadImage(int(found.group(1)), "undecodable", _BUFFER.sub("", found.group(2))) from None
+        raise BadImage(int(found.group(1)), "undecodable", found.group(2)) from None
     return pixels, time.perf_counter() - started
