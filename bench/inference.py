@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune_core import export  # noqa: E402
+from finetune_core.metadata import ModelMeta  # noqa: E402
 from finetune_core.model import build_model, load_trained  # noqa: E402
 from finetune_core.predict import (ImagePredictor, TextPredictor, eager_backend, onnx_backend,  # noqa: E402
                                    torchscript_backend)
@@ -81,7 +82,7 @@ def text_bench(args: argparse.Namespace, seconds: float) -> None:
         model, tokenizer, meta = load_trained(Path(args.run) / "model")
     else:
         model, tokenizer = build_model("default", ["negative", "positive"])
-        meta = {"task": "text-classification", "labels": ["negative", "positive"], "max_length": 128}
+        meta = ModelMeta(task="text-classification", labels=["negative", "positive"], max_length=128)
     model.eval()
     start_load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -128,14 +129,14 @@ def image_bench(run_dir: Path, seconds: float, threads: int = 0) -> None:
     model, meta = load_image_model(run_dir / "model")
     reference = ImagePredictor(meta, eager_backend(model), "eager fp32")
     rows = [json.loads(line) for line in (run_dir / "splits" / "validation.jsonl").read_text().splitlines()]
-    gold = np.array([meta["labels"].index(r["label"]) for r in rows])
+    gold = np.array([meta.labels.index(r["label"]) for r in rows])
     start_load = os.getloadavg()[0]
     started = time.perf_counter()
     decode_start = time.perf_counter()
     pixels = reference.pixels([r["image"] for r in rows])
     decode_per_s = len(rows) / (time.perf_counter() - decode_start)
     with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = export.to_onnx(model, export.image_inputs(meta["image_size"]), Path(scratch) / "model.onnx")
+        onnx_path = export.to_onnx(model, export.image_inputs(meta.image_size), Path(scratch) / "model.onnx")
         calibration, _ = calibration_batches(run_dir / "splits" / "train.jsonl", reference)
         int8_path, quantization = export.quantize_static_int8(onnx_path, Path(scratch) / "int8.onnx", calibration)
         backends = {"eager fp32": reference.backend, "onnx fp32": onnx_backend(onnx_path, threads),
@@ -148,7 +149,7 @@ def image_bench(run_dir: Path, seconds: float, threads: int = 0) -> None:
                 inputs = {"pixel_values": np.resize(pixels, (batch, *pixels.shape[1:]))}  # real images, repeated to fill
                 cell = _timings(lambda: backend(inputs), seconds)
                 table.append(dict(cell, variant=name, batch=batch, per_s=batch / cell["median_s"], accuracy=accuracy))
-    size = meta["image_size"]
+    size = meta.image_size
     print(f"| variant | batch | median ms | p90 ms | images/s | vs eager fp32 | val acc ({len(rows)} images) |")
     print("|---|---|---|---|---|---|---|")
     eager = {r["batch"]: r["per_s"] for r in table if r["variant"] == "eager fp32"}
@@ -156,7 +157,7 @@ def image_bench(run_dir: Path, seconds: float, threads: int = 0) -> None:
         print(f"| {r['variant']} | {r['batch']} | {1000 * r['median_s']:.1f} | {1000 * r['p90_s']:.1f} | {r['per_s']:.1f} | "
               f"{r['per_s'] / eager[r['batch']]:.2f}x | {100 * r['accuracy']:.2f} |")
     print(
-        f"\n{meta['arch']} at {size}x{size}; int8: static QDQ, {quantization['method']} calibration on "
+        f"\n{meta.arch} at {size}x{size}; int8: static QDQ, {quantization['method']} calibration on "
         f"{quantization['rows']} training images, per-channel {quantization['per_channel']}. Decoding and "
         f"preprocessing (not in the table): {decode_per_s:.0f} images/s in this process.\n"
         f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, ORT threads {threads or 'default'}; load average "
@@ -202,10 +203,10 @@ def _matmul_gflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return flop * calls / (time.perf_counter() - start) / 1e9
 
 
-def _accuracy(predictor: TextPredictor, rows: list[dict], meta: dict) -> float:
+def _accuracy(predictor: TextPredictor, rows: list[dict], meta: ModelMeta) -> float:
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
     logits = predictor.logits([rows[i]["text"] for i in order])
-    gold = np.array([meta["labels"].index(rows[i]["label_name"]) for i in order])
+    gold = np.array([meta.labels.index(rows[i]["label_name"]) for i in order])
     return float((logits.argmax(-1) == gold).mean())
 
 

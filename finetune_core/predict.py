@@ -8,7 +8,6 @@ when the machine cannot run the one asked for. Load once, predict many; safe to 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -23,7 +22,8 @@ import torch
 from . import registry
 from .errors import ConfigError, DataError
 from .export import Batch, Forward, model_input_names
-from .model import META_FILE, bf16_supported, logits_of
+from .metadata import ModelMeta, read_meta
+from .model import bf16_supported, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Predictor(Protocol):
     """TextPredictor (texts) or ImagePredictor (images): same outputs, different inputs."""
 
     variant: str
-    meta: dict  # the model's finetune_serve.json: task, labels, input limits
+    meta: ModelMeta  # the model's finetune_serve.json: task, labels, input limits
     backend: Forward  # model inputs by name -> logits
 
     def logits(self, inputs: Sequence) -> np.ndarray:
@@ -55,7 +55,7 @@ class Predictor(Protocol):
 class TextPredictor:
     """Tokenize (padding to the longest in each chunk, truncating at max_length), run, post-process."""
 
-    def __init__(self, tokenizer, meta: dict, backend: Forward, variant: str):
+    def __init__(self, tokenizer, meta: ModelMeta, backend: Forward, variant: str):
         self.tokenizer = tokenizer
         self.meta = meta
         self.backend = backend
@@ -72,7 +72,7 @@ class TextPredictor:
                 list(texts),
                 padding="longest",
                 truncation=True,
-                max_length=max_length or self.meta["max_length"],
+                max_length=max_length or self.meta.max_length,
                 return_tensors="np",
             )
         return {name: encoded[name].astype(np.int64) for name in self.input_names}
@@ -94,7 +94,7 @@ class ImagePredictor:
     that does not decode is a DataError naming its position.
     """
 
-    def __init__(self, meta: dict, backend: Forward, variant: str):
+    def __init__(self, meta: ModelMeta, backend: Forward, variant: str):
         from .images import ImageSpec, eval_transform
 
         self.meta = meta
@@ -136,11 +136,11 @@ class ImagePredictor:
         return results(self.logits(list(images)), self.meta, top_k)
 
 
-def results(logits: np.ndarray, meta: dict, top_k: int | None) -> list[dict]:
+def results(logits: np.ndarray, meta: ModelMeta, top_k: int | None) -> list[dict]:
     """Labels and probabilities per row, or {"value"} for regression."""
-    if meta["task"].endswith("regression"):
+    if meta.is_regression:
         return [{"value": v} for v in regression_values(logits, meta)]
-    return classification_results(logits, meta["labels"], top_k)
+    return classification_results(logits, meta.labels, top_k)
 
 
 def classification_results(logits: np.ndarray, labels: list[str], top_k: int | None) -> list[dict]:
@@ -161,11 +161,11 @@ def classification_results(logits: np.ndarray, labels: list[str], top_k: int | N
     return results
 
 
-def regression_values(logits: np.ndarray, meta: dict) -> list[float]:
+def regression_values(logits: np.ndarray, meta: ModelMeta) -> list[float]:
     """Undo the training-time standardisation of the target."""
     values = logits[:, 0].astype(np.float64)
-    if meta.get("target_std") is not None:
-        values = values * meta["target_std"] + meta["target_mean"]
+    if meta.target_std is not None:
+        values = values * meta.target_std + meta.target_mean
     return [float(v) for v in values]
 
 
@@ -241,17 +241,17 @@ def load_predictor(
     allow_spinning: bool = True,
 ) -> Predictor:
     """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
-    variants = info.manifest["variants"]
-    usable = [v for v in VARIANTS if variants.get(v, {}).get("accepted")]
+    variants = info.manifest.variants
+    usable = [v for v in VARIANTS if v in variants and variants[v].accepted]
     if variant is None:
         variant = next(v for v in DEFAULT_ORDER if v in usable)
     elif variant not in VARIANTS:
         raise ConfigError(f"variant '{variant}' is unknown; choose one of {', '.join(VARIANTS)}")
     elif variant not in variants:
         raise registry.NotFoundError(f"{info.ref} has no '{variant}' variant; it has {', '.join(usable)}")
-    elif not variants[variant]["accepted"]:
+    elif not variants[variant].accepted:
         raise registry.RegistryError(
-            f"{info.ref}: the '{variant}' variant was refused at export ({variants[variant]['reason']}); "
+            f"{info.ref}: the '{variant}' variant was refused at export ({variants[variant].reason}); "
             f"use one of {', '.join(usable)}"
         )
     if variant == "bf16" and not bf16_supported():
@@ -260,8 +260,8 @@ def load_predictor(
         variant = fallback
 
     model_dir = registry.model_dir(info)
-    meta = json.loads((model_dir / META_FILE).read_text())
-    if meta["task"].startswith("image"):
+    meta = read_meta(model_dir)
+    if meta.is_image:
         return ImagePredictor(meta, _image_backend(info, variant, model_dir, intra_op_threads, inter_op_threads,
                                                    allow_spinning), variant)
     from transformers import AutoTokenizer  # text models only: an image predictor loads without transformers

@@ -23,16 +23,16 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError, FinetuneError
+from .metadata import Manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 ROOT_ENV = "FINETUNE_SERVE_HOME"
 DEFAULT_ROOT = ".finetune-serve"
-MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
 PRODUCTION = "production"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -56,7 +56,7 @@ class RegistryError(FinetuneError):
 class VersionInfo:
     name: str
     version: str
-    manifest: dict
+    manifest: Manifest
     path: Path  # the version folder; read files through model_dir() and variant_file(), which verify them
 
     @property
@@ -89,33 +89,28 @@ def parse_ref(text: str) -> tuple[str, str | None]:
     return name, ref or None
 
 
-def register(name: str, staging_dir: str | Path, manifest: dict) -> VersionInfo:
+def register(name: str, staging_dir: str | Path, manifest: Manifest) -> VersionInfo:
     """Copy a staged version into the registry as the next version and return it.
 
     Each variant's `file` (relative to staging_dir, a file or a folder) gets its size and sha256
-    recorded; the name, version and creation time are added to the manifest.
+    recorded; the name, version and creation time are set in the manifest.
     """
     validate_name(name)
     staging_dir = Path(staging_dir)
     if not staging_dir.is_dir():
         raise RegistryError(f"staging folder '{staging_dir}' does not exist; nothing to register")
-    variants = manifest.get("variants") or {}
-    for variant, entry in variants.items():
-        file = entry.get("file")
-        if file is not None and not (staging_dir / file).exists():
-            raise RegistryError(f"variant '{variant}': its file '{file}' is not in the staging folder {staging_dir}")
+    for variant, record in manifest.variants.items():
+        if record.file is not None and not (staging_dir / record.file).exists():
+            raise RegistryError(f"variant '{variant}': its file '{record.file}' is not in the staging folder {staging_dir}")
     model_root = _model_root(name)
     model_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_scratch()
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root()))
     try:
         shutil.copytree(staging_dir, incoming, dirs_exist_ok=True)
-        recorded = dict(manifest, name=name, created=_now())
-        recorded["variants"] = {
-            variant: dict(entry, **_digest(incoming / entry["file"])) if entry.get("file") else dict(entry)
-            for variant, entry in variants.items()
-        }
-        version = _claim_version(model_root, incoming, recorded)
+        variants = {variant: replace(record, **_digest(incoming / record.file)) if record.file else record
+                    for variant, record in manifest.variants.items()}
+        version = _claim_version(model_root, incoming, replace(manifest, name=name, created=_now(), variants=variants))
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
@@ -139,20 +134,20 @@ def resolve(name: str, ref: str | None = None) -> VersionInfo:
     else:
         raise NotFoundError(f"model '{name}' has no version '{ref}'; it has {', '.join(versions)}")
     path = _model_root(name) / version
-    return VersionInfo(name=name, version=version, manifest=json.loads((path / MANIFEST_FILE).read_text()), path=path)
+    return VersionInfo(name=name, version=version, manifest=read_manifest(path), path=path)
 
 
 def variant_file(info: VersionInfo, variant: str) -> Path:
     """The path of a variant's file or folder, after checking it against the manifest's sha256."""
-    entry = info.manifest["variants"].get(variant)
-    if entry is None or not entry.get("file"):
+    record = info.manifest.variants.get(variant)
+    if record is None or not record.file:
         raise NotFoundError(f"{info.ref} has no stored file for variant '{variant}'")
-    path = info.path / entry["file"]
+    path = info.path / record.file
     found = _digest(path) if path.exists() else {"sha256": "missing"}
-    if found["sha256"] != entry["sha256"]:
+    if found["sha256"] != record.sha256:
         raise IntegrityError(
-            f"{info.ref}: '{entry['file']}' does not match its manifest (sha256 {found['sha256'][:12]} != "
-            f"{entry['sha256'][:12]}); the file was changed or damaged. Re-export the model with "
+            f"{info.ref}: '{record.file}' does not match its manifest (sha256 {found['sha256'][:12]} != "
+            f"{(record.sha256 or 'none')[:12]}); the file was changed or damaged. Re-export the model with "
             f"`finetune-serve export` and delete this version"
         )
     return path
@@ -223,17 +218,17 @@ def show(name: str, ref: str | None = None) -> dict:
     """With a ref: that version's manifest and aliases. Without: a summary of every version."""
     if ref is not None:
         info = resolve(name, ref)
-        return dict(info.manifest, version=info.version, aliases=_aliases_of(name, info.version))
+        return dict(info.manifest.to_dict(), version=info.version, aliases=_aliases_of(name, info.version))
     versions = _existing_versions(name)
     summaries = []
     for version in versions:
         manifest = resolve(name, version).manifest
         summaries.append({
             "version": version,
-            "created": manifest.get("created"),
+            "created": manifest.created,
             "aliases": _aliases_of(name, version),
-            "validation_accuracy": (manifest.get("validation_metrics") or {}).get("accuracy"),
-            "variants": {v: e.get("accepted") for v, e in manifest.get("variants", {}).items()},
+            "validation_accuracy": (manifest.validation_metrics or {}).get("accuracy"),
+            "variants": {v: record.accepted for v, record in manifest.variants.items()},
         })
     return {"name": name, LATEST: versions[-1], PRODUCTION: _production(name), "versions": summaries}
 
@@ -270,12 +265,12 @@ def _remove_stale_scratch() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _claim_version(model_root: Path, incoming: Path, manifest: dict) -> str:
+def _claim_version(model_root: Path, incoming: Path, manifest: Manifest) -> str:
     # rename() onto an existing non-empty folder fails, so two writers never get the same number.
     for _ in range(100):
         taken = [int(m.group(1)) for p in model_root.iterdir() if (m := _VERSION.match(p.name))]
         version = f"v{max(taken, default=0) + 1}"
-        (incoming / MANIFEST_FILE).write_text(json.dumps(dict(manifest, version=version), indent=2))
+        write_manifest(replace(manifest, version=version), incoming)
         try:
             os.rename(incoming, model_root / version)
             return version

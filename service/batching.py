@@ -15,9 +15,8 @@ with its top_k.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -27,10 +26,6 @@ import numpy as np
 from finetune_core.errors import ConfigError
 from finetune_core.predict import Predictor, results
 
-MAX_BATCH_ENV = "FINETUNE_SERVE_MAX_BATCH"
-MAX_WAIT_ENV = "FINETUNE_SERVE_MAX_WAIT_MS"
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_WAIT_MS = 0.0
 # Rows per forward pass inside a batch. MiniLM int8 on 2 cores, 32 random SST-2 dev texts, one
 # ORT thread: one padded pass 5.1 ms/text; sorted by length in groups of 8, 3.2; one by one, 3.8.
 GROUP_SIZE = 8
@@ -54,13 +49,14 @@ class Batcher:
     Requests under one key are all texts or all pixel_values: a key names one model version.
     """
 
-    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH, max_wait: float = DEFAULT_MAX_WAIT_MS / 1000,
-                 on_batch: Callable[[int], None] = lambda size: None):
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.0, on_batch: Callable[[int], None] = lambda size: None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         if max_batch < 1 or max_wait < 0:
             raise ConfigError(f"batching: max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.on_batch = on_batch
+        self.on_batch = on_batch  # sees each batch's input count before it runs
+        self.sleep = sleep  # the idle worker's wait for company: a test passes one it controls
         self._queues: dict[Hashable, deque[_Request]] = {}
         self._drains: set[asyncio.Task] = set()  # held so the loop does not collect a running drain
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
@@ -84,7 +80,7 @@ class Batcher:
         batch: list[_Request] = []
         try:
             if self.max_wait:  # the worker was idle: give concurrent requests a moment to join
-                await asyncio.sleep(self.max_wait)
+                await self.sleep(self.max_wait)
             while queue:
                 batch = [queue.popleft()]
                 size = len(batch[0].inputs)
@@ -138,16 +134,6 @@ def run_pixels(predictor, pixel_values: np.ndarray) -> list[dict]:
     logits = np.concatenate([predictor.logits_from_pixels(pixel_values[i : i + rows])
                              for i in range(0, len(pixel_values), rows)])
     return results(logits, predictor.meta, None)
-
-
-def batcher_from_env(on_batch: Callable[[int], None] = lambda size: None) -> Batcher:
-    """A Batcher sized by FINETUNE_SERVE_MAX_BATCH (inputs) and FINETUNE_SERVE_MAX_WAIT_MS."""
-    try:
-        max_batch = int(os.environ.get(MAX_BATCH_ENV) or DEFAULT_MAX_BATCH)
-        max_wait_ms = float(os.environ.get(MAX_WAIT_ENV) or DEFAULT_MAX_WAIT_MS)
-    except ValueError as err:
-        raise ConfigError(f"{MAX_BATCH_ENV} must be an integer and {MAX_WAIT_ENV} a number of milliseconds: {err}") from None
-    return Batcher(max_batch, max_wait_ms / 1000, on_batch)
 
 
 def _settle(request: _Request, result: list[dict] | None = None, exception: Exception | None = None) -> None:

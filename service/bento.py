@@ -1,6 +1,6 @@
 """The BentoML services: `bentoml serve service.bento:FinetuneServe` from the repository root.
 
-FinetuneServe (CPU) serves the REST API (service.http, a FastAPI app mounted at /). Trainer asks
+FinetuneServe (CPU) serves the REST API (service.app, a FastAPI app mounted at /). Trainer asks
 for a GPU and runs one training job at a time in a child process (service.runner); without a GPU
 BentoML warns and it trains on the CPU, niced and with half the cores. The two share the job store
 in FINETUNE_SERVE_HOME; the API only wakes the trainer when it queues a job, so a trainer that is
@@ -16,11 +16,15 @@ import time
 
 import bentoml
 
-from . import http
+from .app import app
+from .batching import Batcher
+from .context import Context
+from .guard import Guard
 from .jobs import open_store
 from .metrics import make_metrics
 from .predictors import Predictors
 from .runner import Runner
+from .settings import settings
 
 log = logging.getLogger("service.bento")
 
@@ -84,29 +88,19 @@ class Trainer:
         self.metrics.training_samples_per_second.set(live.get("samples_per_second") or 0.0)
 
 
-API_WORKERS_ENV = "FINETUNE_SERVE_API_WORKERS"
-
-
-def api_workers() -> int:
-    """API worker processes, each with its own loaded predictors: FINETUNE_SERVE_API_WORKERS, else 1."""
-    raw = os.environ.get(API_WORKERS_ENV, "1")
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{API_WORKERS_ENV}={raw!r}: give the number of API worker processes, a whole number >= 1")
-    return int(raw)
-
-
-@bentoml.asgi_app(http.app, path="/")
-@bentoml.service(name="finetune-serve", workers=api_workers(), traffic={"timeout": 300})
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(name="finetune-serve", workers=settings().api_workers, traffic={"timeout": 300})
 class FinetuneServe:
     trainer = bentoml.depends(Trainer)
 
     def __init__(self) -> None:
         exit_when_orphaned("api")
         metrics = make_metrics()
-        http.app.state.context = http.Context(
+        app.state.context = Context(
             store=open_store(),
             predictors=Predictors(on_load=metrics.model_load.observe),
             metrics=metrics,
+            batcher=Batcher(settings().max_batch, settings().max_wait_ms / 1000, on_batch=metrics.inference_batch.observe),
             wake_trainer=self._wake_trainer,
         )
 
@@ -118,4 +112,4 @@ class FinetuneServe:
 
 
 # The key check and body limits wrap the whole server, BentoML's own routes included.
-FinetuneServe.add_asgi_middleware(http.Guard)
+FinetuneServe.add_asgi_middleware(Guard)

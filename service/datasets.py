@@ -31,15 +31,11 @@ from pathlib import Path, PurePosixPath
 from fastapi.concurrency import run_in_threadpool
 
 from finetune_core import images
-from finetune_core.data import FORMATS, read_table
 from finetune_core.errors import DataError, FinetuneError
+from finetune_core.tables import FORMATS, read_table
 
-MAX_UPLOAD_ENV = "FINETUNE_SERVE_MAX_UPLOAD_MB"
-DEFAULT_MAX_UPLOAD_MB = 100
-MAX_EXTRACTED_ENV = "FINETUNE_SERVE_MAX_EXTRACTED_MB"
-DEFAULT_MAX_EXTRACTED_MB = 2048
-MAX_ENTRIES_ENV = "FINETUNE_SERVE_MAX_ZIP_ENTRIES"
-DEFAULT_MAX_ENTRIES = 100_000
+from .settings import env_name, settings
+
 # Images barely compress (PNG, JPEG: 1-3x) and JSONL/CSV lists 5-20x; a zip bomb expands 1000x and more.
 MAX_COMPRESSION_RATIO = 100
 # Entries smaller than this are not judged by their ratio (a tiny blank PNG compresses well); the total limit holds them.
@@ -111,20 +107,10 @@ class Stored:
         return self.path
 
 
-def max_upload_bytes() -> int:
-    return _megabytes(MAX_UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB)
-
-
-def max_extracted_bytes() -> int:
-    return _megabytes(MAX_EXTRACTED_ENV, DEFAULT_MAX_EXTRACTED_MB)
-
-
-def max_entries() -> int:
-    return int(os.environ.get(MAX_ENTRIES_ENV) or DEFAULT_MAX_ENTRIES)
-
-
-def _megabytes(env: str, default: float) -> int:
-    return int(float(os.environ.get(env) or default) * 1024 * 1024)
+def too_large() -> TooLarge:
+    """The upload over FINETUNE_SERVE_MAX_UPLOAD_MB, whether the guard or save_upload finds it."""
+    return TooLarge(f"file: larger than the upload limit of {settings().max_upload_mb:g} MiB "
+                    f"(set {env_name('max_upload_mb')} to raise it)")
 
 
 def datasets_dir() -> Path:
@@ -141,9 +127,9 @@ def format_of(filename: str | None) -> str:
     return suffix
 
 
-async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit: int, image_column: str = "image",
+async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], image_column: str = "image",
                       label_column: str = "label") -> DatasetInfo:
-    """Write the upload in chunks (refusing it once over `limit` bytes), validate it, record it.
+    """Write the upload in chunks (refusing it once over the upload limit), validate it, record it.
 
     A zip is extracted and its images checked; image_column and label_column name the columns of
     an image list inside it.
@@ -153,14 +139,13 @@ async def save_upload(filename: str | None, chunks: AsyncIterator[bytes], limit:
     folder.mkdir(parents=True, exist_ok=True)
     dataset_id = "ds-" + uuid.uuid4().hex[:16]
     partial = folder / f".{dataset_id}.part{suffix}"  # read_table picks the format by the last suffix
-    size = 0
+    size, limit = 0, settings().max_upload_bytes
     try:
         with partial.open("wb") as f:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > limit:
-                    raise TooLarge(f"file: larger than the upload limit of {limit / 2**20:g} MiB "
-                                   f"(set {MAX_UPLOAD_ENV} to raise it)")
+                    raise too_large()
                 f.write(chunk)
         if suffix == ZIP:
             try:  # extracting and decoding every image takes a while: off the event loop
@@ -236,15 +221,15 @@ def extract_zip(archive: Path, target: Path) -> int:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:
         raise DataError(f"file: not a readable zip archive ({err})") from None
     with zf:
-        entries = zf.infolist()
-        if len(entries) > max_entries():
-            raise UnsafeArchive(f"file: the zip holds {len(entries)} entries; at most {max_entries()} are accepted "
-                                f"(set {MAX_ENTRIES_ENV} to raise it)")
-        budget = max_extracted_bytes()
+        entries, limits = zf.infolist(), settings()
+        if len(entries) > limits.max_zip_entries:
+            raise UnsafeArchive(f"file: the zip holds {len(entries)} entries; at most {limits.max_zip_entries} are "
+                                f"accepted (set {env_name('max_zip_entries')} to raise it)")
+        budget = limits.max_extracted_bytes
         declared = sum(entry.file_size for entry in entries)
         if declared > budget:
             raise UnsafeArchive(f"file: the zip expands to {declared / 2**20:.1f} MiB; at most {budget / 2**20:g} MiB "
-                                f"are accepted (set {MAX_EXTRACTED_ENV} to raise it)")
+                                f"are accepted (set {env_name('max_extracted_mb')} to raise it)")
         chosen, seen = [], set()
         for entry in entries:
             parts = entry_parts(entry)
@@ -274,7 +259,7 @@ def extract_zip(archive: Path, target: Path) -> int:
                             written += len(chunk)
                             if written > budget:  # sizes in the zip's directory can lie; the bytes cannot
                                 raise UnsafeArchive(f"file: the zip expands past {budget / 2**20:g} MiB "
-                                                    f"(set {MAX_EXTRACTED_ENV} to raise it)")
+                                                    f"(set {env_name('max_extracted_mb')} to raise it)")
                             out.write(chunk)
                 except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as err:
                     raise DataError(f"file: entry '{entry.filename[:200]}' cannot be extracted ({err})") from None

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from finetune_core import images
-from finetune_core.data import clean, encode_labels, read_examples, regression_targets
+from finetune_core.data import clean
 from finetune_core.errors import DataError
 from finetune_core.evaluate import classification_metrics, regression_metrics
+from finetune_core.metadata import ModelMeta
 from finetune_core.predict import regression_values
+from finetune_core.tables import encode_labels, read_examples, regression_targets
 
 # Rows (texts or images) one /evaluate call scores at most: it runs inside a request.
 MAX_ROWS = 20_000
@@ -22,7 +24,7 @@ def evaluate_file(predictor, path: Path, text_column: str, label_column: str, na
         texts, labels = read_examples(path, text_column, label_column, role="data")
     except DataError as err:
         raise DataError(str(err).replace(str(path), name)) from None
-    texts, labels, report = clean(texts, labels, predictor.meta.get("lowercase", False))
+    texts, labels, report = clean(texts, labels, predictor.meta.lowercase)
     _check_rows(len(texts), report, name)
     return _figures(predictor.meta, predictor.logits(texts), labels, report, name)
 
@@ -47,12 +49,12 @@ def _check_rows(rows: int, report: dict, name: str) -> None:
         raise DataError(f"data: '{name}' has {rows} rows; /evaluate scores at most {MAX_ROWS}")
 
 
-def _figures(meta: dict, logits: np.ndarray, labels: list, report: dict, name: str) -> dict:
+def _figures(meta: ModelMeta, logits: np.ndarray, labels: list, report: dict, name: str) -> dict:
     try:
-        if meta["task"].endswith("regression"):
+        if meta.is_regression:
             targets = np.array(regression_targets(labels, "data"))
             return {**regression_metrics(targets, regression_values(logits, meta)), "dropped": report["dropped"]}
-        targets = np.array(encode_labels(labels, meta["labels"], "data"))
+        targets = np.array(encode_labels(labels, meta.labels, "data"))
     except DataError as err:
         raise DataError(f"data: '{name}': {err}") from None
-    return {**classification_metrics(targets, logits.argmax(-1), meta["labels"]), "dropped": report["dropped"]}
+    return {**classification_metrics(targets, logits.argmax(-1), meta.labels), "dropped": report["dropped"]}

@@ -1,8 +1,8 @@
 """Images in requests: base64 text or raw bytes in, an image model's pixel_values out, errors naming the image.
 
-Shared by /predict (JSON and multipart) and the V2 infer route; each answers a BadImage in its own
-error format. Decoding runs in the request's thread-pool thread, so the batcher's worker only runs
-the model on the pixels.
+Used by service.inference for /predict (JSON and multipart) and V2 infer; a BadImage becomes an error
+naming the image there. Decoding runs in a thread-pool thread, so the batcher's worker only runs the
+model on the pixels.
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ class BadImage(Exception):
     def __init__(self, index: int, reason: str, message: str):
         super().__init__(message)
         self.index, self.reason, self.message = index, reason, message
-
-
-def is_image_model(meta: dict) -> bool:
-    return meta["task"].startswith("image")
 
 
 def from_base64(items: Sequence[str]) -> list[bytes]:

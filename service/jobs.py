@@ -51,8 +51,8 @@ class Job:
     finished_at: float | None
 
     def public(self) -> dict:
-        """The REST contract's view of a job (times as ISO 8601 UTC)."""
-        return {
+        """The REST contract's view of a job (times as ISO 8601 UTC); a search job's adds trials_done and best."""
+        view = {
             "id": self.id,
             "status": self.status,
             "progress": self.progress,
@@ -69,9 +69,15 @@ class Job:
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
         }
+        if "search" in self.spec:
+            search = (self.metrics or {}).get("search") or {}
+            view |= {"trials_done": search.get("trials_done", 0), "best": search.get("best")}
+        return view
 
 
 class JobStore(Protocol):
+    url: str  # the database's SQLAlchemy URL: a search job keeps its Optuna study there
+
     def create(self, spec: dict) -> Job: ...
 
     def get(self, job_id: str) -> Job | None: ...
@@ -143,6 +149,7 @@ class SqliteJobStore:
     def __init__(self, path: str | Path, busy_timeout_seconds: float = 30.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.url = f"sqlite:///{self.path.resolve()}"
         self.busy_timeout_seconds = busy_timeout_seconds
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block the writer

@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from .jobs import STATES
+
 MAX_MODEL_LABELS = 50
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Metrics:
         return "other"
 
     def set_jobs(self, counts: dict[str, int]) -> None:
-        for state in JOB_STATES:
+        for state in STATES:
             self.jobs.labels(state=state).set(counts.get(state, 0))
 
 

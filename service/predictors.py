@@ -6,15 +6,13 @@ loads on first use. At most `max_loaded` predictors are kept (least recently use
 A name and ref resolve to a version from the registry at most once every RESOLVE_SECONDS, so a
 promotion is seen within that time and a busy server does not read the registry per request.
 
-ONNX Runtime thread settings for serving come from FINETUNE_SERVE_ORT_THREADS and
-FINETUNE_SERVE_ORT_SPINNING (see `load_for_serving`).
+ONNX Runtime thread settings for serving come from service.settings (see `load_for_serving`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -24,19 +22,14 @@ from finetune_core import registry
 from finetune_core.errors import ConfigError
 from finetune_core.predict import Predictor, load_predictor
 
+from .settings import settings
+
 log = logging.getLogger("service.predictors")
 
 Loader = Callable[[registry.VersionInfo, str | None], Predictor]
 Key = tuple[str, str, str | None]  # (name, version, variant asked for)
 
 RESOLVE_SECONDS = 1.0
-ORT_THREADS_ENV = "FINETUNE_SERVE_ORT_THREADS"
-ORT_SPINNING_ENV = "FINETUNE_SERVE_ORT_SPINNING"
-# bench/serve_bench.py --sweep (MiniLM int8, 32 clients, one text each, 2 cores shared with the HTTP
-# loop and the load generator): 2 threads without spinning 260 req/s (p99 189 ms); 1 thread 236;
-# 1 thread spinning 216; 2 threads spinning 187 (the spinning threads took the HTTP loop's CPU).
-DEFAULT_ORT_THREADS = 2
-DEFAULT_ORT_SPINNING = False
 
 
 def load_for_serving(info: registry.VersionInfo, variant: str | None) -> Predictor:
@@ -44,12 +37,8 @@ def load_for_serving(info: registry.VersionInfo, variant: str | None) -> Predict
 
     Idle ORT threads spin by default, taking CPU the HTTP server needs between batches.
     """
-    threads = os.environ.get(ORT_THREADS_ENV) or str(DEFAULT_ORT_THREADS)
-    spinning = os.environ.get(ORT_SPINNING_ENV) or str(int(DEFAULT_ORT_SPINNING))
-    if not threads.isdigit() or spinning not in ("0", "1"):
-        raise ConfigError(f"{ORT_THREADS_ENV} must be a number of threads (0: one per core) and {ORT_SPINNING_ENV} "
-                          f"0 or 1; got {threads!r} and {spinning!r}")
-    return load_predictor(info, variant, intra_op_threads=int(threads), allow_spinning=spinning == "1")
+    return load_predictor(info, variant, intra_op_threads=settings().ort_threads,
+                          allow_spinning=settings().ort_spinning)
 
 
 class Predictors:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from finetune_core.isolated import exit_reason
 from service.jobs import CANCELLED, FAILED, MAX_ATTEMPTS, RUNNING, TERMINAL, Job, JobStore
 
 log = logging.getLogger("service.runner")
@@ -126,14 +126,6 @@ class Runner:
             self.store.finish(job.id, job.attempt, CANCELLED, error=None)
             return
         self.store.finish(job.id, job.attempt, FAILED, error=exit_reason(returncode))
-
-
-def exit_reason(returncode: int) -> str:
-    if returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
-        hint = " (the out-of-memory killer sends SIGKILL: try a smaller batch_size or max_length)" if returncode == -signal.SIGKILL else ""
-        return f"the training process was killed by {name}{hint}"
-    return f"the training process exited with code {returncode} before recording a result; see the trainer's log"
 
 
 def _end(child: subprocess.Popen, grace: float) -> None:

@@ -1,6 +1,7 @@
 """The HTTP schema: pydantic request models, converted at once into the core's own types.
 
-Fields that choose code are Literal enums. `job_spec` turns a FinetuneRequest into the stored job
+Fields that choose code are Literal enums made from the core's own tuples, so the two cannot drift
+(tests/test_service_schemas.py checks it). `job_spec` turns a FinetuneRequest into the stored job
 spec (a validated JobConfig as a dict plus the model name and variants); a ConfigError is re-worded
 to name the request field (`hyperparameters.epochs`, not the core's `train.epochs`).
 """
@@ -8,13 +9,19 @@ to name the request field (`hyperparameters.epochs`, not the core's `train.epoch
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune_core.config import config_from_dict
+from finetune_core.artifacts import EXPORT_VARIANTS
+from finetune_core.config import (FREEZE_POLICIES, METRICS, OPTIMIZERS, PRECISIONS, REGRESSION_LOSSES, SCHEDULES, TASKS,
+                                  config_from_dict)
 from finetune_core.errors import ConfigError
+from finetune_core.predict import VARIANTS
 from finetune_core.registry import validate_name
+from finetune_core.search_space import PRUNERS, SAMPLERS, search_spec_from_dict
+
+from .errors import FieldError
 
 # Inputs (texts or images) one /predict call may carry; more is a 413.
 MAX_PREDICT_INPUTS = 256
@@ -32,20 +39,20 @@ class Strict(BaseModel):
 
 
 class Hyperparameters(Strict):
-    epochs: int | None = None
+    epochs: int | Literal["auto"] | None = Field(None, description="default auto: from the training rows (data report)")
     batch_size: int | None = None
-    learning_rate: float | None = None
-    max_length: int | None = None
-    freeze: str | None = Field(None, description="none | embeddings | bottom:N | all-but-head")
+    learning_rate: float | Literal["auto"] | None = Field(None, description="default: the task's (images: auto)")
+    max_length: int | Literal["auto"] | None = Field(None, description="text: default auto, from the token lengths")
+    freeze: str | None = Field(None, description=" | ".join(FREEZE_POLICIES) + " | auto (images: from their size)")
     early_stopping_patience: int | None = None
-    early_stopping_metric: Literal["accuracy", "macro_f1", "loss", "mse", "mae", "r2"] | None = None
+    early_stopping_metric: Literal[METRICS] | None = None
     weight_decay: float | None = None
-    optimizer: Literal["adamw", "adam", "sgd"] | None = None
-    schedule: Literal["linear", "cosine", "constant"] | None = None
+    optimizer: Literal[OPTIMIZERS] | None = None
+    schedule: Literal[SCHEDULES] | None = None
     warmup_ratio: float | None = None
     max_grad_norm: float | None = None
     gradient_accumulation: int | None = None
-    precision: Literal["auto", "fp32", "bf16"] | None = None
+    precision: Literal[PRECISIONS] | None = None
     class_weights: bool | None = None
     label_smoothing: float | None = None
     eval_every_steps: int | None = None
@@ -55,15 +62,29 @@ class Hyperparameters(Strict):
     num_threads: int | None = Field(None, description="CPU threads for training; default: half the cores")
     split_seed: int | None = None
     min_rows_per_class: int | None = None
-    image_size: int | None = Field(None, description="image tasks: square input in pixels; 0 or unset: the model's own (224)")
-    augment: bool | None = Field(None, description="image tasks: random crop, flip, rotation, colour jitter in training")
+    image_size: int | Literal["auto"] | None = Field(
+        None, description="image tasks: square input in pixels; 0: the model's own (224); default auto: from the images")
+    augment: bool | Literal["auto"] | None = Field(
+        None, description="image tasks: random crop, flip, rotation, colour jitter in training; default auto (photos only)")
     horizontal_flip: bool | None = Field(None, description="image tasks: part of augment; off where mirroring changes the label")
-    regression_loss: Literal["mse", "huber"] | None = None
+    regression_loss: Literal[REGRESSION_LOSSES] | None = None
+
+
+class SearchRequest(Strict):
+    """A hyperparameter search; what is left out gets the core's defaults (finetune_core/search_space.py)."""
+
+    trials: int | None = Field(None, description="trials to complete or prune; default 10")
+    timeout_s: float | None = Field(None, description="start no trial after this many seconds")
+    sampler: Literal[SAMPLERS] | None = Field(None, description="default tpe")
+    pruner: Literal[PRUNERS] | None = Field(None, description="default median")
+    space: dict[str, Any] | None = Field(None, description='hyperparameters to vary: {"learning_rate": {"low": 1e-5, '
+                                                           '"high": 3e-4, "log": true}, "freeze": ["none", "bottom:2"]}; '
+                                                           "default: a space for the task")
+    metric: str | None = Field(None, description="validation.<metric> to optimise; default the early-stopping metric")
 
 
 class FinetuneRequest(Strict):
-    task: Literal["text-classification", "text-regression", "image-classification", "image-regression"] = \
-        "text-classification"
+    task: Literal[TASKS] = "text-classification"
     base_model: str = Field("default", description='"default" (bundled MiniLM for text, EfficientNet-Lite0 for images), '
                                                    "a local folder, a hub id or a timm model name")
     train: str = Field(description="a dataset id from POST /datasets (a table for text tasks, a zip of images for image tasks)")
@@ -73,14 +94,16 @@ class FinetuneRequest(Strict):
     image_column: str | None = Field(None, description="image lists: default the one the upload was checked with")
     label_column: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    variants: list[Literal["onnx", "int8", "torchscript", "bf16"]] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    variants: list[Literal[EXPORT_VARIANTS]] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
     model_name: str
+    search: SearchRequest | None = Field(None, description="tune the hyperparameters first; the best trial's model is "
+                                                           "evaluated, exported and registered")
 
 
 class PredictRequest(Strict):
     model: str | None = Field(None, description="a registered model name; optional when only one model exists")
     version: str | None = Field(None, description="vN, 'production' or 'latest' (default: production, else latest)")
-    variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
+    variant: Literal[VARIANTS] | None = None
     inputs: list[str] | None = Field(None, description="texts, for a text model")
     images: list[str] | None = Field(None, description="base64-encoded images (JPEG, PNG, ...), for an image model")
     top_k: int | None = Field(None, ge=1)
@@ -89,7 +112,7 @@ class PredictRequest(Strict):
 class EvaluateRequest(Strict):
     model: str
     version: str | None = None
-    variant: Literal["pytorch", "onnx", "torchscript", "int8", "bf16"] | None = None
+    variant: Literal[VARIANTS] | None = None
     data: str = Field(description="a dataset id from POST /datasets; image folders: its test split, else validation, "
                                   "else train")
     text_column: str = "text"
@@ -99,14 +122,6 @@ class EvaluateRequest(Strict):
 
 class PromoteRequest(Strict):
     version: str = Field(description="the version to make the production one, e.g. v3")
-
-
-class FieldError(ConfigError):
-    """A ConfigError that knows which request field it is about."""
-
-    def __init__(self, field: str | None, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 # Where each core config field comes from in the request.
@@ -156,4 +171,7 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
         core = f"{match.group(1)}.{match.group(2)}" if match.group(1) else f"model.{match.group(3)}"
         field = request_field(core)
         raise FieldError(field, f"{field}: {message[match.end():]}") from None
-    return {"config": cfg.to_dict(), "model_name": request.model_name, "variants": list(dict.fromkeys(request.variants))}
+    spec = {"config": cfg.to_dict(), "model_name": request.model_name, "variants": list(dict.fromkeys(request.variants))}
+    if request.search is not None:  # its errors already name the request field (search.space.learning_rate.low: ...)
+        spec["search"] = search_spec_from_dict(request.search.model_dump(exclude_none=True), cfg).to_dict()
+    return spec

@@ -8,17 +8,18 @@ events and the outcome to the job store. It dies with the trainer that started i
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobStore, open_store
+from finetune_core.isolated import die_with_parent
+from service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobStore, open_store
+from service.settings import settings
 
 log = logging.getLogger("service.train_job")
 
@@ -26,8 +27,6 @@ log = logging.getLogger("service.train_job")
 TRAIN_SHARE = 0.95
 # How often (seconds) should_stop() reads the cancel flag from the store.
 CANCEL_POLL_SECONDS = 1.0
-NICE_ENV = "FINETUNE_SERVE_TRAIN_NICE"
-DEFAULT_NICE = 10
 
 
 def runs_dir() -> Path:
@@ -41,7 +40,11 @@ def run_dir_of(job_id: str) -> Path:
 
 
 class Progress:
-    """Turns the training loop's events into job progress, ETA, metrics and stored events."""
+    """Turns the training loop's events into job progress, ETA, metrics and stored events.
+
+    In a search job each trial's training fills its share of the bar, and the metrics keep
+    {"search": {"trials_done", "trials", "best"}} beside the running trial's figures.
+    """
 
     def __init__(self, store: JobStore, job_id: str, attempt: int):
         self.store, self.job_id, self.attempt = store, job_id, attempt
@@ -51,6 +54,8 @@ class Progress:
         self.checked = 0.0
         self.stop = False
         self.live: dict = {}
+        self.search: dict | None = None
+        self.span = (0.0, TRAIN_SHARE)  # the share of the bar the current training run fills
 
     def __call__(self, event: dict) -> None:
         kind = event["type"]
@@ -59,23 +64,40 @@ class Progress:
             self.total_steps = max(1, event["total_steps"])
             self.first_step = event["step"]
             self.started = time.monotonic()
-            fields = {"step": event["step"], "progress": TRAIN_SHARE * event["step"] / self.total_steps}
+            fields = {"step": event["step"], "progress": self._progress(event["step"])}
         elif kind == "step":
             step = event["step"]
             done = step - self.first_step
             rate = done / max(time.monotonic() - self.started, 1e-9)
             self.live = {"loss": event["loss"], "samples_per_second": event["samples_per_second"], "step": step}
-            fields = {"step": step, "epoch": event["epoch"], "progress": TRAIN_SHARE * step / self.total_steps,
-                      "eta_seconds": round((self.total_steps - step) / rate, 1) if done > 0 else None,
-                      "metrics": {"train": self.live}}
+            # A search's ETA would need the trials to come; a trial's alone would mislead.
+            eta = round((self.total_steps - step) / rate, 1) if done > 0 and self.search is None else None
+            fields = {"step": step, "epoch": event["epoch"], "progress": self._progress(step), "eta_seconds": eta,
+                      "metrics": self._metrics()}
         elif kind == "eval":
             scalars = {k: v for k, v in event["metrics"].items() if isinstance(v, (int, float))}
-            fields = {"epoch": event["epoch"], "step": event["step"], "metrics": {"train": self.live, "validation": scalars}}
+            fields = {"epoch": event["epoch"], "step": event["step"], "metrics": self._metrics(validation=scalars)}
             event = {**event, "metrics": scalars}  # the stored event keeps the headline figures only
         elif kind == "checkpoint":
             fields = {"epoch": event["epoch"]}
+        elif kind == "trial_start":
+            done, trials = event["trials_done"], max(1, event["trials"])
+            self.span = (TRAIN_SHARE * done / trials, TRAIN_SHARE * (done + 1) / trials)
+            self.search = {"trials_done": done, "trials": event["trials"], "best": (self.search or {}).get("best")}
+            self.live = {}
+            fields = {"progress": self.span[0], "metrics": self._metrics()}
+        elif kind == "trial_end":
+            self.search = search_view(event["trials_done"], event["trials"], event["best"], event["metric"])
+            fields = {"metrics": self._metrics()}
         if not self.store.update(self.job_id, self.attempt, event=event, **fields):
             self.stop = True  # no longer ours: cancelled while queued, or a newer attempt took over
+
+    def _progress(self, step: int) -> float:
+        low, high = self.span
+        return low + (high - low) * step / self.total_steps
+
+    def _metrics(self, **extra) -> dict:
+        return {"train": self.live, **extra, **({"search": self.search} if self.search else {})}
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -86,32 +108,27 @@ class Progress:
 
 
 def run(store: JobStore, job_id: str, attempt: int) -> str:
-    """Train, export and register one job; returns the terminal status it recorded."""
+    """Train (or search), export and register one job; returns the terminal status it recorded."""
     from finetune_core.artifacts import export_version
-    from finetune_core.config import config_from_dict
     from finetune_core.errors import FinetuneError
-    from finetune_core.pipeline import run_training
 
     job = store.get(job_id)
     if job is None or job.status != RUNNING or job.attempt != attempt:
         return job.status if job else "missing"
     run_dir = run_dir_of(job_id)
-    resume = attempt > 1 and (run_dir / "config.json").is_file()
     progress = Progress(store, job_id, attempt)
     try:
-        cfg = None if resume else _with_threads(config_from_dict(job.spec["config"]))
-        if resume:
-            store.update(job_id, attempt, event={"type": "resuming", "run_dir": str(run_dir)})
-        metrics = run_training(cfg, run_dir, resume=resume, on_event=progress, should_stop=progress.should_stop)
+        produce = _search if "search" in job.spec else _train
+        metrics, model_dir = produce(store, job, run_dir, progress)
         if metrics["train"]["status"] == "cancelled":
-            store.finish(job_id, attempt, CANCELLED, metrics={"train": metrics["train"]})
+            store.finish(job_id, attempt, CANCELLED, metrics={k: v for k, v in metrics.items() if k in ("train", "search")})
             return CANCELLED
         store.update(job_id, attempt, event={"type": "exporting", "variants": job.spec["variants"]}, progress=TRAIN_SHARE,
                      eta_seconds=None)
-        info = export_version(run_dir / "model", job.spec["model_name"], job.spec["variants"])
-        summary = {role: _scalars(m) for role, m in metrics.items() if m}
-        summary["variants"] = {v: {"accepted": e["accepted"], "reason": e["reason"]}
-                               for v, e in info.manifest["variants"].items()}
+        info = export_version(model_dir, job.spec["model_name"], job.spec["variants"])
+        summary = {role: m if role == "search" else _scalars(m) for role, m in metrics.items() if m}
+        summary["variants"] = {v: {"accepted": record.accepted, "reason": record.reason}
+                               for v, record in info.manifest.variants.items()}
         store.finish(job_id, attempt, SUCCEEDED, metrics=summary, model={"name": info.name, "version": info.version})
         return SUCCEEDED
     except FinetuneError as err:
@@ -123,6 +140,44 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
         store.finish(job_id, attempt, FAILED,
                      error=f"internal error while training: {type(err).__name__}: {err} (trace in {run_dir / 'error.log'})")
         return FAILED
+
+
+def _train(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> tuple[dict, Path]:
+    """One training run; a later attempt resumes it from the run folder's last checkpoint."""
+    from finetune_core.config import config_from_dict
+    from finetune_core.pipeline import run_training
+
+    resume = job.attempt > 1 and (run_dir / "config.json").is_file()
+    cfg = None if resume else _with_threads(config_from_dict(job.spec["config"]))
+    if resume:
+        store.update(job.id, job.attempt, event={"type": "resuming", "run_dir": str(run_dir)})
+    metrics = run_training(cfg, run_dir, resume=resume, on_event=progress, should_stop=progress.should_stop)
+    return metrics, run_dir / "model"
+
+
+def _search(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> tuple[dict, Path]:
+    """A hyperparameter search; a later attempt resumes the same study (kept in the job store's database
+    under the job's id). Its metrics are the best trial's, with the search's summary."""
+    from finetune_core.config import config_from_dict
+    from finetune_core.search import run_search
+    from finetune_core.search_space import search_spec_from_dict
+
+    cfg = _with_threads(config_from_dict(job.spec["config"]))
+    spec = search_spec_from_dict(job.spec["search"], cfg)
+    if job.attempt > 1:
+        store.update(job.id, job.attempt, event={"type": "resuming", "run_dir": str(run_dir)})
+    summary = run_search(cfg, spec, run_dir, storage=store.url, study_name=job.id, on_event=progress,
+                         should_stop=progress.should_stop)
+    search = search_view(summary.trials_done, summary.trials_target, summary.best and summary.best.brief(), summary.metric)
+    if summary.status == "cancelled":
+        return {"train": {"status": "cancelled"}, "search": search}, run_dir / "best" / "model"
+    metrics = json.loads((run_dir / "best" / "metrics.json").read_text())
+    return {**metrics, "search": search}, run_dir / "best" / "model"
+
+
+def search_view(trials_done: int, trials: int, best: dict | None, metric: str) -> dict:
+    """A search job's metrics["search"], which GET /jobs/{id} shows as trials_done and best."""
+    return {"trials_done": trials_done, "trials": trials, "best": best and {**best, "metric": metric}}
 
 
 def training_threads(cpu_count: int | None = None) -> int:
@@ -141,22 +196,13 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL us when the trainer dies, so no orphan keeps training a re-queued job."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        sys.exit(f"train_job: the trainer (pid {parent_pid}) is gone; exiting")
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python -m service.train_job JOB_ID ATTEMPT PARENT_PID", file=sys.stderr)
         return 2
     job_id, attempt, parent = argv[0], int(argv[1]), int(argv[2])
-    _die_with_parent(parent)
-    os.nice(int(os.environ.get(NICE_ENV, DEFAULT_NICE)))  # below the API workers: /predict is not starved
+    die_with_parent(parent)  # no orphan keeps training a re-queued job
+    os.nice(settings().train_nice)  # below the API workers: /predict is not starved
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s train_job {job_id} %(levelname)s %(message)s")
     status = run(open_store(), job_id, attempt)
     log.info("finished with status %s", status)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from conftest import toy_rows, write_jsonl
 
+from finetune_core.metadata import ModelMeta
 from finetune_core.model import build_model, save_trained
 
 LABELS = ["negative", "positive"]
@@ -28,7 +29,7 @@ def make_run(tiny_base: Path, run_dir: Path, steps: int = 60) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    meta = {"task": "text-classification", "labels": LABELS, "base_model": str(tiny_base), "max_length": 64, "target_mean": None, "target_std": None}
+    meta = ModelMeta(task="text-classification", labels=LABELS, base_model=str(tiny_base), max_length=64)
     save_trained(model, tokenizer, meta, run_dir / "model")
     write_jsonl(run_dir / "splits" / "validation.jsonl", toy_rows(64, seed=1))
     (run_dir / "metrics.json").write_text(json.dumps({"validation": {"accuracy": None}, "test": None, "train": {"loss": None}}))

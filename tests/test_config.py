@@ -29,7 +29,7 @@ def test_flags_override_file_values():
         ({"data": {}}, "data.train: a training file is required"),
         ({"data": {"train": "t"}, "train": {"optimizer": "lamb"}}, "train.optimizer: 'lamb' is not allowed; choose one of adamw, adam, sgd"),
         ({"data": {"train": "t"}, "train": {"epochs": 0}}, "train.epochs: must be a whole number >= 1"),
-        ({"data": {"train": "t"}, "train": {"epochs": "2"}}, "train.epochs: expected int, got str"),
+        ({"data": {"train": "t"}, "train": {"epochs": "2"}}, "train.epochs: expected int or 'auto', got str"),
         ({"data": {"train": "t"}, "train": {"log_every_steps": 0}}, "train.log_every_steps: must be a whole number >= 1"),
         ({"data": {"train": "t"}, "train": {"learning_rate": 0}}, "train.learning_rate: must be a number in (0.0, 1.0]"),
         ({"data": {"train": "t"}, "train": {"warmup": 0.1}}, "train.warmup: unknown field"),
@@ -37,7 +37,10 @@ def test_flags_override_file_values():
         ({"data": {"train": "t"}, "model": {"freeze": "bottom:x"}}, "bottom:N with N a whole number"),
         ({"data": {"train": "t", "task": "ner"}}, "data.task: 'ner' is not allowed"),
         ({"data": {"train": "t"}, "trainer": {}}, "unknown section(s) ['trainer']"),
-        ({"data": {"train": "t", "task": "text-regression"}}, "accuracy' is a classification metric"),
+        ({"data": {"train": "t", "task": "text-regression"}, "train": {"early_stopping_metric": "accuracy"}},
+         "accuracy' is a classification metric"),
+        ({"data": {"train": "t"}, "data_": {}}, "unknown section(s) ['data_']"),
+        ({"data": {"train": "t", "max_length": "long"}}, "data.max_length: expected int or 'auto', got str 'long'"),
     ],
 )
 def test_errors_name_the_field_and_allowed_values(raw, message):
@@ -51,3 +54,23 @@ def test_unparseable_config_file(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot be parsed"):
         load_config(path)
+
+
+def test_task_defaults_fill_what_the_user_did_not_give_and_record_where_each_value_came_from():
+    cfg = config_from_dict({"data": {"train": "t", "task": "image-classification"}, "train": {"batch_size": 8}})
+    assert (cfg.train.batch_size, cfg.train.early_stopping_patience, cfg.model.freeze) == (8, 3, "auto")
+    assert cfg.sources["train.batch_size"] == "user" and cfg.sources["data.task"] == "user"
+    assert cfg.sources["train.early_stopping_patience"] == "task default" and cfg.sources["model.freeze"] == "task default"
+    assert cfg.sources["train.optimizer"] == "default"
+    regression = config_from_dict({"data": {"train": "t", "task": "text-regression"}})
+    assert regression.train.early_stopping_metric == "loss"  # a classification metric would be refused
+    text = config_from_dict({"data": {"train": "t"}})
+    assert (text.train.epochs, text.data.max_length, text.model.freeze) == ("auto", "auto", "none")
+
+
+def test_a_saved_config_keeps_its_sources_and_resolved_values(tmp_path):
+    cfg = config_from_dict({"data": {"train": "t"}, "train": {"seed": 3}}).resolved({"train.epochs": 4})
+    assert cfg.train.epochs == 4 and cfg.sources["train.epochs"] == "auto"
+    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.sources["train.seed"] == "user" and again.sources["train.epochs"] == "auto"
+    assert again.data.max_length == "auto"  # resolved when the data is read

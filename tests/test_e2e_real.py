@@ -6,8 +6,6 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 
 def json_documents(text: str) -> list:
     decoder, docs, i = json.JSONDecoder(), [], 0
@@ -17,6 +15,7 @@ def json_documents(text: str) -> list:
     return docs
 
 
+@pytest.mark.slow
 def test_one_epoch_with_defaults_reaches_078_on_the_gold_dev_set(real_run):
     metrics = json.loads((real_run / "metrics.json").read_text())
     assert metrics["validation"]["n"] == 872
@@ -27,6 +26,7 @@ def test_one_epoch_with_defaults_reaches_078_on_the_gold_dev_set(real_run):
     assert report["parameters"]["total_parameters"] > 22_000_000  # the real 6-layer MiniLM, not a stand-in
 
 
+@pytest.mark.slow
 def test_the_evaluate_command_agrees_with_the_training_run(real_run):
     train_summary, evaluated = json_documents((real_run / "demo_stdout.txt").read_text())
     metrics = json.loads((real_run / "metrics.json").read_text())
@@ -41,6 +41,7 @@ def test_the_demo_uses_the_data_shipped_in_the_repo():
     assert len(rows) == 2000 and set(json.loads(rows[0])) == {"text", "label"}
 
 
+@pytest.mark.slow
 def test_export_registry_predict_on_the_real_fine_tuned_model(real_run, tmp_path):
     """The demo run exported with every variant, each proved, registered, promoted and served by the CLI."""
     import os
@@ -65,8 +66,9 @@ def test_export_registry_predict_on_the_real_fine_tuned_model(real_run, tmp_path
     for name in ("int8", "bf16"):
         figures = variants[name]
         drop = 100 * (reference - figures["accuracy"])
-        assert figures["accepted"] == (drop <= 1.0), figures["reason"]
-        assert figures["accuracy"] > 0.7  # none collapsed towards chance (onnxruntime issue 9599)
+        # Measured: int8 0.23 points below fp32, bf16 level with it (README, "Inference"); the gate is 1 point.
+        assert figures["accepted"] is True and drop <= 1.0, figures["reason"]
+        assert f"accuracy drop {drop:.2f} points" in figures["reason"]
 
     cli("models", "promote", "sst2-minilm", "v1")
     served = cli("predict", "--model", "sst2-minilm:production", "a moving , funny and beautifully acted film",

@@ -6,11 +6,13 @@ import argparse
 import json
 
 import pytest
+import torch
 from artifact_helpers import LABELS, make_run
 
 from finetune_core import export, registry
 from finetune_core.artifacts import export_version
 from finetune_core.artifacts_cli import add_commands
+from finetune_core.metadata import ModelMeta
 from finetune_core.model import build_model, load_trained
 from finetune_core.predict import TextPredictor, eager_backend, onnx_backend, torchscript_backend
 
@@ -93,9 +95,16 @@ def test_int8_quantization_runs_close_to_fp32(per_channel, reference, batches, t
     predictor, model = reference
     fp32 = export.to_onnx(model, export.text_inputs(predictor.tokenizer), tmp_path / "m.onnx")
     int8 = export.quantize_int8(fp32, tmp_path / "m.int8.onnx", per_channel=per_channel)
-    figures = export.parity_figures(predictor.backend, onnx_backend(int8), batches)
-    assert 0 < figures["max_abs_diff"] < 0.5  # quantized: not identical, not wild
-    assert figures["argmax_agreement"] >= 0.9
+    quantized = onnx_backend(int8)
+    figures = export.parity_figures(predictor.backend, quantized, batches)
+    # Quantized: not identical, not wild. The logits span +-3.2 and the int8 ones differ by up to 0.67
+    # (per channel) and 0.54 (per tensor), but only where the margin is wide, so the scores a caller sees
+    # move by at most 0.0044 (measured) and no decision changes.
+    assert 0 < figures["max_abs_diff"] < 1.0
+    assert figures["argmax_agreement"] == 1.0
+    for batch in batches:
+        expected, got = (torch.softmax(torch.from_numpy(f(batch)), -1) for f in (predictor.backend, quantized))
+        assert (got - expected).abs().max().item() < 0.02
 
 
 def test_accuracy_gate():
@@ -109,7 +118,7 @@ def test_accuracy_gate():
 
 def test_export_version_registers_proved_variants(tiny_run):
     info = export_version(tiny_run, "toy")
-    manifest = info.manifest
+    manifest = info.manifest.to_dict()
     assert info.version == "v1" and manifest["task"] == "text-classification" and manifest["labels"] == LABELS
     assert manifest["source_run"] == str(tiny_run.parent.resolve())
     variants = manifest["variants"]
@@ -127,9 +136,11 @@ def test_export_version_registers_proved_variants(tiny_run):
 def test_export_refuses_int8_when_the_gate_is_not_met(tiny_run):
     # A negative gate demands int8 beat fp32 by two points: impossible at 100% fp32 accuracy.
     info = export_version(tiny_run, "toy", variants=["int8"], gate_points=-2.0)
-    int8 = info.manifest["variants"]["int8"]
+    int8 = info.manifest.to_dict()["variants"]["int8"]
     assert int8["accepted"] is False and int8["file"] is None
-    assert "exceeds the gate of -2" in int8["reason"] and int8["accuracy"] is not None
+    drop = 100 * (info.manifest.to_dict()["variants"]["pytorch"]["accuracy"] - int8["accuracy"])
+    assert f"accuracy drop {drop:.2f} points" in int8["reason"] and "exceeds the gate of -2" in int8["reason"]
+    assert int8["accuracy"] >= 0.9 and drop <= 1.0  # measured, and only the impossible gate refused it
     assert not (info.path / "model.int8.onnx").exists()
 
 
@@ -154,11 +165,12 @@ def test_export_rejects_unknown_variant_and_missing_validation(tiny_run, tmp_pat
 @pytest.mark.slow
 def test_real_minilm_exports_with_parity(tmp_path):
     """The bundled MiniLM (un-fine-tuned head) through ONNX and TorchScript on SST-2 dev texts."""
-    from conftest import SHARED_DATA
+    from conftest import REPO
 
     model, tokenizer = build_model("default", LABELS)
-    rows = [json.loads(line) for line in (SHARED_DATA / "sst2" / "validation.jsonl").read_text().splitlines()[:64]]
-    predictor = TextPredictor(tokenizer, {"max_length": 128}, eager_backend(model.eval()), "pytorch")
+    rows = [json.loads(line) for line in (REPO / "examples" / "sst2_sample" / "validation.jsonl").read_text().splitlines()[:64]]
+    predictor = TextPredictor(tokenizer, ModelMeta(task="text-classification", labels=LABELS, max_length=128),
+                              eager_backend(model.eval()), "pytorch")
     batches = export.parity_batches(predictor.encode, [r["text"] for r in rows], 128)
     onnx_figures = export.check_parity(predictor.backend, onnx_backend(export.to_onnx(model, export.text_inputs(tokenizer), tmp_path / "m.onnx")), batches)
     ts = torchscript_backend(export.to_torchscript(model, export.text_inputs(tokenizer), tmp_path / "m.pt"), predictor.input_names)
@@ -172,11 +184,15 @@ def test_export_regression_model_is_gated_on_r2(tiny_base, tmp_path):
     from finetune_core.model import save_trained
 
     model, tokenizer = build_model(str(tiny_base), None)
-    meta = {"task": "text-regression", "labels": None, "base_model": str(tiny_base), "max_length": 32, "target_mean": 3.0, "target_std": 1.5}
+    meta = ModelMeta(task="text-regression", labels=None, base_model=str(tiny_base), max_length=32, target_mean=3.0,
+                     target_std=1.5)
     save_trained(model, tokenizer, meta, tmp_path / "run" / "model")
     rows = [{"text": r["text"], "label": float(len(r["text"]) % 5)} for r in toy_rows(40, seed=2)]
     write_jsonl(tmp_path / "run" / "splits" / "validation.jsonl", rows)
     info = export_version(tmp_path / "run" / "model", "toy-regression", variants=["onnx", "int8"], gate_points=1000.0)
-    variants = info.manifest["variants"]
-    assert {"mse", "mae", "r2"} <= set(variants["onnx"]) and variants["onnx"]["accepted"]
-    assert variants["int8"]["reason"].startswith("r2 drop")
+    variants = info.manifest.to_dict()["variants"]
+    assert variants["onnx"]["accepted"] and variants["int8"]["accepted"]  # a 1000-point gate refuses nothing
+    for metric in ("mse", "mae", "r2"):  # fp32 ONNX is the same function, so the same figures
+        assert variants["onnx"][metric] == pytest.approx(variants["pytorch"][metric], abs=1e-4), metric
+    drop = 100 * (variants["pytorch"]["r2"] - variants["int8"]["r2"])
+    assert variants["int8"]["reason"].startswith(f"r2 drop {drop:.2f} points")

@@ -4,13 +4,16 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from finetune_core.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from finetune_core.pipeline import evaluate_saved, run_training
 
-from conftest import REPO
+from conftest import ASSETS, REPO
+
+pytestmark = pytest.mark.slow  # every test trains the real EfficientNet-Lite0 on real MNIST digits
 
 
 def image_job(train, task="image-classification", augment=False, **train_cfg) -> JobConfig:
@@ -60,18 +63,34 @@ def test_an_interrupted_image_run_resumes_to_the_same_weights(tmp_path, digit_im
 def test_image_regression_from_an_image_list(tmp_path, digit_images):
     """The digit's value (0 or 7) as the target, from a JSONL list of real MNIST images.
 
-    A smoke test of the path (tests/test_e2e_images.py holds the real quality check on all ten digits).
+    A smoke test of the path (tests/quality/test_defaults_small_images.py holds the real quality check on all ten digits).
+    The split carved from 56 images leaves 6 validation rows, too few to judge by, so the saved model is
+    judged on the 40 held-out test PNGs of those digits instead.
     """
+    from finetune_core.evaluate import regression_metrics
+    from finetune_core.image_model import load_image_model
+    from finetune_core.predict import ImagePredictor, eager_backend
+
     rows = [{"image": str(p.relative_to(digit_images)), "label": float(p.parent.name)}
             for p in sorted(digit_images.rglob("*.png")) if p.parent.name != "1"]
     listing = digit_images / "values.jsonl"
     listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = image_job(listing, task="image-regression", learning_rate=1e-3, early_stopping_metric="r2", early_stopping_patience=0)
     metrics = run_training(cfg, tmp_path / "run")
-    assert metrics["validation"]["r2"] >= 0.6, metrics["validation"]
-    assert {"mse", "mae", "pearson", "spearman"} <= set(metrics["test"])
+    assert {"mse", "mae", "r2", "pearson", "spearman"} <= set(metrics["validation"]) and metrics["validation"]["n"] == 6
     meta = json.loads((tmp_path / "run" / "model" / "finetune_serve.json").read_text())
     assert meta["labels"] is None and 2.5 < meta["target_mean"] < 4.5
+
+    # The saved model predicts in the target's units. Measured: R2 0.60, MAE 1.82, medians 2.4 (0s) and 7.2 (7s);
+    # predicting the mean (3.5) would score R2 0 and MAE 3.5, and values left standardised about the same.
+    model, meta = load_image_model(tmp_path / "run" / "model")
+    predictor = ImagePredictor(meta, eager_backend(model), "pytorch")
+    held_out = {digit: sorted((ASSETS / "mnist_png_small" / "test" / digit).iterdir()) for digit in ("0", "7")}
+    values = {digit: [r["value"] for r in predictor.predict([str(p) for p in paths])] for digit, paths in held_out.items()}
+    scores = regression_metrics([float(d) for d, v in values.items() for _ in v], [x for v in values.values() for x in v])
+    assert scores["r2"] >= 0.45 and scores["mae"] < 2.5, scores
+    assert np.median(values["7"]) - np.median(values["0"]) >= 3.5, values
+    assert abs(np.median(values["7"]) - 7) < 1.5, values["7"]
 
 
 def test_cli_trains_an_image_folder_and_names_bad_input(tmp_path, digit_images):

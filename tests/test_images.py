@@ -12,7 +12,7 @@ from finetune_core.config import DataConfig
 from finetune_core.data import load_dataset
 from finetune_core.errors import ConfigError, DataError
 
-from conftest import SHARED_DATA
+from conftest import ASSETS
 
 
 def test_a_root_with_train_and_val_folders_supplies_its_own_splits(digit_images):
@@ -74,7 +74,7 @@ def _rows(folder, augment, seed=0):
 def _batch(rows, epoch, order=([0, 1, 2, 3],)):
     out = {}
     for batch_rows, batch in zip(order, rows.loader(list(order), epoch)):
-        for i, pixels in zip(batch_rows, batch["pixel_values"]):
+        for i, pixels in zip(batch_rows, batch["inputs"]["pixel_values"]):
             out[i] = pixels
     return torch.stack([out[i] for i in sorted(out)])
 
@@ -102,19 +102,24 @@ def test_eval_transform_resizes_crops_and_normalises():
     assert np.allclose(pixels[0], 1.0) and np.allclose(pixels[1], -1.0)
 
 
+# Zero-shot top-5 hits on the 60 in-repo photos: 52 measured (56 on the same photos before downscaling).
+HITS = 48
+
+
+@pytest.mark.slow
 def test_the_bundled_efficientnet_lite0_weights_are_real_imagenet_weights():
     from finetune_core.image_model import build_image_model, bundled_lite0
 
     model = bundled_lite0().eval()
     spec = build_image_model("default", 2)[1]
     assert spec == I.ImageSpec(224, 256, (0.5,) * 3, (0.5,) * 3)
-    val = SHARED_DATA / "hymenoptera" / "val"
-    files = sorted((val / "ants").iterdir())[-12:] + sorted((val / "bees").iterdir())[-12:]
-    expected = [310] * 12 + [309] * 12  # ImageNet's "ant" and "bee"
+    val = ASSETS / "hymenoptera" / "val"  # 30 photos per class, downscaled to 256 px
+    files = sorted((val / "ants").iterdir()) + sorted((val / "bees").iterdir())
+    expected = [310] * 30 + [309] * 30  # ImageNet's "ant" and "bee"
     with torch.no_grad():
         top5 = model(torch.from_numpy(I.pixel_values([str(f) for f in files], spec))).topk(5).indices
     hits = sum(e in row.tolist() for e, row in zip(expected, top5))
-    assert hits >= 20, hits  # zero-shot, a random network would hit about 0
+    assert hits >= HITS, hits  # zero-shot, a random network would hit about 0
 
 
 def test_freeze_policies_for_a_cnn():
@@ -138,12 +143,13 @@ def test_freeze_policies_for_a_cnn():
 
 def test_saved_image_models_reload_to_the_same_outputs(tmp_path):
     from finetune_core.image_model import build_image_model, load_image_model, save_image_model
+    from finetune_core.metadata import ModelMeta
 
     model, spec = build_image_model("default", 3, image_size=64)
     model.eval()
-    save_image_model(model, {"task": "image-classification", "labels": ["a", "b", "c"], **spec.meta()}, tmp_path / "m")
+    save_image_model(model, ModelMeta(task="image-classification", labels=["a", "b", "c"], **spec.meta()), tmp_path / "m")
     again, meta = load_image_model(tmp_path / "m")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # the reloaded model runs channels_last: other kernels, the same function
         assert torch.allclose(model(x), again(x), atol=1e-5)
-    assert meta["arch"] == "tf_efficientnet_lite0" and meta["image_size"] == 64 and meta["resize_size"] == 73
+    assert (meta.arch, meta.image_size, meta.resize_size) == ("tf_efficientnet_lite0", 64, 73)

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from artifact_helpers import make_run
 from conftest import toy_rows
@@ -46,7 +45,8 @@ def test_bento_builds_offline_with_the_service_files(tmp_path):
     assert manifest["service"] == "service.bento:FinetuneServe"
     assert {s["name"] for s in manifest["services"]} == {"finetune-serve", "finetune-trainer"}
     src = bento / "src"
-    for module in ("bento.py", "http.py", "jobs.py", "metrics.py", "runner.py", "train_job.py", "schemas.py"):
+    for module in ("bento.py", "app.py", "inference.py", "settings.py", "routes/predict.py", "routes/v2.py", "jobs.py",
+                   "runner.py", "train_job.py", "schemas.py"):
         assert (src / "service" / module).is_file(), module
     for module in ("train.py", "pipeline.py", "registry.py", "predict.py", "model.py", "images.py", "image_model.py"):
         assert (src / "finetune_core" / module).is_file(), module
@@ -117,14 +117,3 @@ def _check_metrics(url: str) -> None:
         again = scrape(url)
         assert {k: v for k, v in again.items() if k[0].startswith("finetune_")} == \
                {k: v for k, v in first.items() if k[0].startswith("finetune_")}
-
-
-@pytest.mark.parametrize("workers", ["0", "two", "-1"])
-def test_bad_worker_count_is_refused_with_the_variable_named(workers, monkeypatch):
-    from service.bento import api_workers
-
-    monkeypatch.setenv("FINETUNE_SERVE_API_WORKERS", workers)
-    with pytest.raises(ValueError, match="FINETUNE_SERVE_API_WORKERS"):
-        api_workers()
-    monkeypatch.setenv("FINETUNE_SERVE_API_WORKERS", "3")
-    assert api_workers() == 3

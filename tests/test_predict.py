@@ -16,6 +16,7 @@ from finetune_core import predict, registry
 from finetune_core.artifacts import export_version
 from finetune_core.artifacts_cli import add_commands
 from finetune_core.errors import ConfigError
+from finetune_core.metadata import ModelMeta
 from finetune_core.model import build_model
 
 TEXTS = [
@@ -78,7 +79,7 @@ def test_batched_output_equals_single_output(variant, predictors):
 
 
 def test_default_variant_is_int8_and_bf16_falls_back_where_unsupported(version, monkeypatch, caplog):
-    assert version.manifest["variants"]["int8"]["accepted"]
+    assert version.manifest.to_dict()["variants"]["int8"]["accepted"]
     assert predict.load_predictor(version).variant == "int8"
     monkeypatch.setattr(predict, "bf16_supported", lambda: False)
     with caplog.at_level(logging.WARNING, logger="finetune_core.predict"):
@@ -112,7 +113,7 @@ def test_tampered_onnx_is_refused_on_load(version, tmp_path):
 
 def test_regression_values_undo_standardisation(tiny_base):
     model, tokenizer = build_model(str(tiny_base), None)
-    meta = {"task": "text-regression", "labels": None, "max_length": 32, "target_mean": 10.0, "target_std": 2.0}
+    meta = ModelMeta(task="text-regression", labels=None, max_length=32, target_mean=10.0, target_std=2.0)
     predictor = predict.TextPredictor(tokenizer, meta, predict.eager_backend(model.eval()), "pytorch")
     values = [r["value"] for r in predictor.predict(TEXTS[:2])]
     with torch.no_grad():

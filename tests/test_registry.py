@@ -12,23 +12,23 @@ import pytest
 
 from finetune_core import registry
 from finetune_core.artifacts_cli import add_commands
-from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.errors import ConfigError, FinetuneError, ModelError
+from finetune_core.metadata import Manifest, ModelMeta, VariantRecord
 
 
-def _staging(folder: Path, payload: str = "weights") -> tuple[Path, dict]:
+def _staging(folder: Path, payload: str = "weights") -> tuple[Path, Manifest]:
     (folder / "model").mkdir(parents=True)
     (folder / "model" / "model.safetensors").write_text(payload)
     (folder / "model" / "tokenizer.json").write_text("{}")
     (folder / "model.onnx").write_text("onnx-" + payload)
-    manifest = {
-        "task": "text-classification",
-        "labels": ["negative", "positive"],
-        "variants": {
-            "pytorch": {"file": "model", "accepted": True, "reason": "reference"},
-            "onnx": {"file": "model.onnx", "accepted": True, "reason": "parity"},
-            "int8": {"file": None, "accepted": False, "reason": "accuracy drop too large"},
+    manifest = Manifest(
+        model=ModelMeta(task="text-classification", labels=["negative", "positive"], max_length=64),
+        variants={
+            "pytorch": VariantRecord(True, "reference", file="model", figures={"accuracy": 0.9}),
+            "onnx": VariantRecord(True, "parity", file="model.onnx", figures={"accuracy": 0.9}),
+            "int8": VariantRecord(False, "accuracy drop too large", figures={"accuracy": 0.7}),
         },
-    }
+    )
     return folder, manifest
 
 
@@ -43,10 +43,10 @@ def test_register_writes_manifest_with_checksums_and_latest(tmp_path):
     assert (first.version, second.version) == ("v1", "v2")
     assert registry.resolve("sst2").version == "v2"  # no production yet: latest
     assert registry.resolve("sst2", "latest").version == "v2"
-    onnx = second.manifest["variants"]["onnx"]
-    assert onnx["size"] == len("onnx-better") and len(onnx["sha256"]) == 64
-    assert second.manifest["variants"]["int8"]["accepted"] is False
-    assert second.manifest["name"] == "sst2" and second.manifest["created"]
+    onnx = second.manifest.variants["onnx"]
+    assert onnx.size == len("onnx-better") and len(onnx.sha256) == 64
+    assert second.manifest.variants["int8"].accepted is False
+    assert second.manifest.name == "sst2" and second.manifest.created and second.manifest.version == "v2"
     assert registry.variant_file(second, "onnx").read_text() == "onnx-better"
     assert (registry.model_dir(second) / "model.safetensors").read_text() == "better"
     assert registry.list_models() == [{"name": "sst2", "versions": ["v1", "v2"], "latest": "v2", "production": None}]
@@ -56,6 +56,29 @@ def test_versions_live_under_the_home_folder(tmp_path):
     info = _register(tmp_path)
     assert info.path == tmp_path / "home" / "models" / "sst2" / "v1"
     assert json.loads((info.path / "manifest.json").read_text())["version"] == "v1"
+
+
+def test_manifest_is_flat_json_and_reads_back_equal(tmp_path):
+    """On disk (and in GET /models/{name}) the model's metadata and each variant's figures sit flat."""
+    info = _register(tmp_path)
+    raw = json.loads((info.path / "manifest.json").read_text())
+    assert raw["task"] == "text-classification" and raw["max_length"] == 64 and raw["labels"] == ["negative", "positive"]
+    assert raw["variants"]["int8"] == {"accuracy": 0.7, "accepted": False, "reason": "accuracy drop too large",
+                                       "file": None, "size": None, "sha256": None, "proof": None}
+    assert Manifest.from_dict(raw) == info.manifest
+    assert info.manifest.accepted() == ["pytorch", "onnx"]
+
+
+def test_a_manifest_missing_a_required_field_is_named(tmp_path):
+    info = _register(tmp_path)
+    raw = json.loads((info.path / "manifest.json").read_text())
+    del raw["variants"]["onnx"]["accepted"], raw["task"]
+    with pytest.raises(ModelError, match="missing field.*task"):
+        Manifest.from_dict(raw)
+    del raw["labels"]
+    raw["task"] = "text-classification"
+    with pytest.raises(ModelError, match="missing field.*labels"):
+        Manifest.from_dict(raw)
 
 
 def test_promote_and_rollback(tmp_path):

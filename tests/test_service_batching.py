@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -15,6 +14,7 @@ from service_helpers import Server
 
 from finetune_core import predict, registry
 from finetune_core.artifacts import export_version
+from finetune_core.metadata import ModelMeta
 from service.batching import GROUP_SIZE, Batcher, run_grouped, run_pixels
 
 TEXTS = [
@@ -67,34 +67,40 @@ def test_concurrent_requests_merge_and_equal_single_requests(onnx_predictor):
 
 
 def test_max_batch_splits_the_queue_and_a_lone_request_is_not_held(onnx_predictor):
-    sizes = []
-    batcher = Batcher(max_batch=4, on_batch=sizes.append)
+    sizes, waits = [], []
+
+    async def no_sleep(seconds):  # what an idle worker would wait for company; with max_wait 0, never called
+        waits.append(seconds)
+
+    batcher = Batcher(max_batch=4, on_batch=sizes.append, sleep=no_sleep)
 
     async def scenario():
-        started = time.perf_counter()
         lone = await batcher.predict("toy", onnx_predictor, ["great"], None)
-        lone_seconds = time.perf_counter() - started
         crowd = await asyncio.gather(*(batcher.predict("toy", onnx_predictor, [t], None) for t in TEXTS[:10]))
-        return lone, lone_seconds, crowd
+        return lone, crowd
 
-    lone, lone_seconds, crowd = asyncio.run(scenario())
-    assert lone_seconds < 0.5 and sizes[0] == 1
+    lone, crowd = asyncio.run(scenario())
+    assert waits == [] and sizes[0] == 1  # the lone request went to the model at once, alone
     assert sizes[1:] == [4, 4, 2]
+    assert_same(lone, onnx_predictor.predict(["great"]))
     assert_same([answer[0] for answer in crowd], [onnx_predictor.predict([t])[0] for t in TEXTS[:10]])
 
 
 class EchoPredictor:
-    """Answers each text with itself; fails on 'boom'; records the texts of each call."""
+    """Answers each text with itself; fails on 'boom'; records the texts of each call.
+
+    With `hold`, each call first runs `hold()` in the worker thread (a test blocks the model there).
+    """
 
     variant = "echo"
 
-    def __init__(self, seconds: float = 0.0):
+    def __init__(self, hold=lambda: None):
         self.calls: list[list[str]] = []
-        self.seconds = seconds
+        self.hold = hold
 
     def predict(self, texts, top_k=None):
         self.calls.append(list(texts))
-        time.sleep(self.seconds)
+        self.hold()
         if "boom" in texts:
             raise ValueError("boom is not a text this model takes")
         return [{"label": t, "score": 1.0, "scores": {t: 1.0, "other": 0.0}} for t in texts]
@@ -121,21 +127,84 @@ def test_each_caller_gets_its_own_results_and_only_the_failing_caller_fails():
     assert echo.calls[-len(requests):] == [sorted(texts, key=len) for texts in requests]
 
 
-def test_the_event_loop_keeps_running_while_the_model_works():
-    slow = EchoPredictor(seconds=0.3)
-    batcher = Batcher()
-    ticks = []
+class Gate:
+    """Holds the model (in the worker thread) until the test, on the event loop, opens it; logs what happened."""
 
-    async def ticker():
-        for _ in range(10):
-            ticks.append(time.perf_counter())
-            await asyncio.sleep(0.01)
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: list[str]):
+        self.loop, self.log = loop, log
+        self.entered = asyncio.Event()
+        self.opened = threading.Event()
+
+    def hold(self) -> None:
+        self.log.append("model started")
+        self.loop.call_soon_threadsafe(self.entered.set)
+        # The guard only ends a broken run: if the model ran on the event loop, nothing could open the gate.
+        self.log.append("model finished" if self.opened.wait(30) else "model gave up")
+
+
+def test_the_event_loop_keeps_running_while_the_model_works():
+    log: list[str] = []
 
     async def scenario():
-        await asyncio.gather(batcher.predict("k", slow, ["a"], None), ticker())
+        gate = Gate(asyncio.get_running_loop(), log)
+        batcher = Batcher()
+
+        async def ticker():
+            await gate.entered.wait()
+            for _ in range(10):
+                log.append("tick")
+                await asyncio.sleep(0)
+            gate.opened.set()
+
+        await asyncio.gather(batcher.predict("k", EchoPredictor(gate.hold), ["a"], None), ticker())
 
     asyncio.run(scenario())
-    assert ticks[-1] - ticks[0] < 0.25  # ten ticks did not wait for the 0.3 s forward pass
+    assert log == ["model started", *["tick"] * 10, "model finished"]
+
+
+def test_requests_that_arrive_while_the_model_works_form_the_next_batch():
+    log: list[str] = []
+    sizes = []
+
+    async def scenario():
+        gate = Gate(asyncio.get_running_loop(), log)
+        echo = EchoPredictor(lambda: gate.hold() if not gate.opened.is_set() else None)
+        batcher = Batcher(max_batch=3, on_batch=sizes.append)
+        first = asyncio.ensure_future(batcher.predict("k", echo, ["first"], None))
+        await gate.entered.wait()  # the worker is busy with the first request
+        later = [asyncio.ensure_future(batcher.predict("k", echo, [f"later{i}"], None)) for i in range(5)]
+        await asyncio.sleep(0)  # every later request is queued
+        gate.opened.set()
+        return echo, await first, await asyncio.gather(*later)
+
+    echo, first, later = asyncio.run(scenario())
+    assert echo.calls == [["first"], ["later0", "later1", "later2"], ["later3", "later4"]]
+    assert sizes == [1, 3, 2]
+    assert first[0]["label"] == "first" and [answer[0]["label"] for answer in later] == [f"later{i}" for i in range(5)]
+
+
+def test_an_idle_worker_waits_max_wait_for_company_then_runs_them_together():
+    waits, sizes = [], []
+
+    async def scenario():
+        window = asyncio.Event()
+
+        async def sleep(seconds):  # the test's clock: the window closes when the test says so
+            waits.append(seconds)
+            await window.wait()
+
+        echo = EchoPredictor()
+        batcher = Batcher(max_batch=8, max_wait=0.05, on_batch=sizes.append, sleep=sleep)
+        first = asyncio.ensure_future(batcher.predict("k", echo, ["a"], None))
+        await asyncio.sleep(0)  # the drain started and is waiting
+        company = [asyncio.ensure_future(batcher.predict("k", echo, [t], None)) for t in ("b", "c")]
+        await asyncio.sleep(0)
+        window.set()
+        await asyncio.gather(first, *company)
+        return echo
+
+    echo = asyncio.run(scenario())
+    assert waits == [0.05] and sizes == [3] and echo.calls == [["a", "b", "c"]]
 
 
 def test_run_grouped_keeps_the_input_order():
@@ -150,7 +219,7 @@ class PixelMeanPredictor:
     """An image predictor stand-in: the logits are each image's mean pixel and its negative; records rows per pass."""
 
     variant = "fake"
-    meta = {"task": "image-classification", "labels": ["bright", "dark"]}
+    meta = ModelMeta(task="image-classification", labels=["bright", "dark"])
 
     def __init__(self):
         self.passes: list[int] = []

@@ -9,6 +9,7 @@ import pytest
 
 from finetune_core import registry
 from finetune_core.errors import ConfigError
+from finetune_core.metadata import Manifest, ModelMeta, VariantRecord
 from service.predictors import Predictors, only_model
 
 
@@ -22,7 +23,7 @@ def _register(tmp_path, name: str) -> str:
     staging = tmp_path / f"staging-{time.monotonic_ns()}"
     (staging / "model").mkdir(parents=True)
     (staging / "model" / "weights.bin").write_bytes(b"w")
-    manifest = {"task": "text-classification", "labels": ["a", "b"], "variants": {"pytorch": {"file": "model", "accepted": True}}}
+    manifest = Manifest(ModelMeta("text-classification", ["a", "b"]), {"pytorch": VariantRecord(True, "", file="model")})
     return registry.register(name, staging, manifest).version
 
 

@@ -13,7 +13,8 @@ from conftest import toy_rows, write_jsonl
 from service.jobs import SqliteJobStore
 from service.runner import Runner, exit_reason
 from service.schemas import FinetuneRequest, job_spec
-from service.train_job import DEFAULT_NICE, run_dir_of, training_threads
+from service.settings import Settings
+from service.train_job import run_dir_of, training_threads
 
 
 def _spec(tiny_base, train_path, **hyper) -> dict:
@@ -46,7 +47,7 @@ def test_a_killed_child_fails_its_job_with_the_reason_and_ran_niced_with_capped_
     _wait(lambda: (runner.store.get(job.id).step or 0) > 0, 90, "training steps")
     pid = runner.child_pid()
     assert pid is not None and pid != os.getpid()
-    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + DEFAULT_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + Settings().train_nice)
     saved = json.loads((run_dir_of(job.id) / "config.json").read_text())
     assert saved["train"]["num_threads"] == training_threads()
     os.kill(pid, signal.SIGKILL)

@@ -36,7 +36,8 @@ def test_loss_goes_down_and_the_run_folder_is_complete(tmp_path, toy_train, tiny
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     saved = json.loads((run / "metrics.json").read_text())
-    assert set(saved) == {"validation", "test", "train"}
+    assert set(saved) == {"validation", "test", "train", "diagnosis"}
+    assert saved["diagnosis"]["state"] in ("converged", "over-fitting") and saved["diagnosis"]["summary"]
     assert {"accuracy", "macro_f1", "loss", "per_class", "confusion_matrix"} <= set(saved["validation"])
     report = json.loads((run / "data_report.json").read_text())
     assert report["tokens"]["train"]["truncated_share"] == 0.0 and report["parameters"]["trainable_parameters"] > 0
@@ -112,3 +113,78 @@ def test_text_regression_learns_a_numeric_target(tmp_path, tiny_base, loss):
     meta = json.loads((tmp_path / "run" / "model" / "finetune_serve.json").read_text())
     assert meta["task"] == "text-regression" and meta["labels"] is None and 15 < meta["target_mean"] < 20
 
+
+
+def test_class_weights_scale_the_loss_on_an_imbalanced_batch():
+    """9 rows of class 0, 1 of class 1: inverse-frequency weights 10/18 and 10/2 make both classes count equally."""
+    from finetune_core.losses import inverse_frequency_weights, make_loss
+
+    labels = torch.tensor([0] * 9 + [1])
+    weights = inverse_frequency_weights(labels.tolist(), 2)
+    assert weights.tolist() == pytest.approx([10 / 18, 5.0])
+    # Every class-0 row is predicted well (loss a), the lone class-1 row badly (loss b).
+    logits = torch.tensor([[2.0, 0.0]] * 9 + [[2.0, 0.0]])
+    a = torch.nn.functional.cross_entropy(logits[:1], labels[:1]).item()
+    b = torch.nn.functional.cross_entropy(logits[-1:], labels[-1:]).item()
+    plain = make_loss(False)(logits, {"labels": labels}).item()
+    weighted = make_loss(False, weights)(logits, {"labels": labels}).item()
+    assert plain == pytest.approx((9 * a + b) / 10)
+    assert weighted == pytest.approx((a + b) / 2)  # sum(w * l) / sum(w): each class half of the loss
+    assert weighted / plain == pytest.approx(5 * (a + b) / (9 * a + b))  # here about 3.2x
+
+
+def test_the_loss_receives_the_whole_batch(tmp_path, toy_train, tiny_base):
+    """A loss can use more than logits and labels: here it fits the model to per-row targets a Rows adds."""
+    from finetune_core import data as D
+    from finetune_core.model import build_model
+    from finetune_core.train import fit
+
+    rows = toy_rows(128)
+    model, tokenizer = build_model(str(tiny_base), ["negative", "positive"])
+    encoded = D.encode(tokenizer, [r["text"] for r in rows], [0] * len(rows), 64)
+    wanted = torch.tensor([[1.0, -1.0] if r["label"] == "positive" else [-1.0, 1.0] for r in rows])
+
+    class WithTargets:  # the Rows protocol: what distillation does with teacher logits
+        targets, lengths = encoded.targets, encoded.lengths
+
+        def loader(self, batches, epoch=0):
+            for indices, batch in zip(batches, encoded.loader(batches, epoch)):
+                yield {**batch, "wanted": wanted[indices]}
+
+    seen = []
+
+    def match_wanted(logits, batch):
+        seen.append(sorted(batch))
+        return torch.nn.functional.mse_loss(logits, batch["wanted"])
+
+    def error(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            batch = next(iter(encoded.loader([list(range(128))])))
+            return torch.nn.functional.mse_loss(model(**batch["inputs"]).logits, wanted).item()
+
+    cfg = TrainConfig(epochs=10, batch_size=16, learning_rate=5e-3, precision="fp32", num_threads=1, seed=0,
+                      early_stopping_patience=0, early_stopping_metric="loss", checkpoint_every_steps=0)
+    torch.set_num_threads(1)
+    before = error(model)
+    result = fit(model, WithTargets(), cfg, loss_fn=match_wanted, evaluate_fn=lambda m: {"loss": error(m)},
+                 checkpoint_dir=tmp_path / "ckpt")
+    assert seen[0] == ["inputs", "labels", "wanted"] and result.global_step == 80
+    assert error(model) < 0.1 * before, f"the model did not learn the targets the loss was given ({before:.2f} -> {error(model):.2f})"
+
+
+def test_mislabelled_training_rows_are_listed_first(tmp_path, tiny_base):
+    rows = toy_rows(240)
+    planted = {i for i in range(0, 240, 40)}  # 6 rows whose cue word says the other class
+    for i in planted:
+        rows[i] = {**rows[i], "label": "negative" if rows[i]["label"] == "positive" else "positive"}
+    path = write_jsonl(tmp_path / "noisy.jsonl", rows)
+    run_training(job(path, tiny_base, early_stopping_patience=0), tmp_path / "run")
+    issues = [json.loads(line) for line in (tmp_path / "run" / "label_issues.jsonl").read_text().splitlines()]
+    planted_texts = {rows[i]["text"] for i in planted}
+    in_train = {json.loads(line)["text"] for line in (tmp_path / "run" / "splits" / "train.jsonl").read_text().splitlines()}
+    expected = planted_texts & in_train
+    assert expected and {issue["input"] for issue in issues[:len(expected)]} == expected
+    assert all(issue["p_label"] < 0.5 and issue["predicted"] != issue["label"] for issue in issues)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())["label_issues"]
+    assert report["listed"] == len(issues) and report["top"][0] == issues[0]

@@ -1,0 +1,19 @@
+"""The FastAPI app BentoML mounts at / (service.bento): the routes of every resource and the error answers.
+
+Each route decodes its request, makes one call into the core (or service.inference) and encodes the
+answer; errors are JSON `{"error", "field"}` (service.errors). The API key and body limits wrap the
+whole server (service.guard).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from . import errors
+from .routes import datasets, jobs, models, predict, v2
+
+app = FastAPI(title="finetune-serve", version="0.1.0",
+              description="Fine-tune, export, verify, version and serve text and image classifiers and regressors.")
+for router in (datasets.router, jobs.router, predict.router, models.router, v2.router):
+    app.include_router(router)
+errors.install(app)

@@ -1,0 +1,90 @@
+"""The ASGI guard around the whole BentoML server: the optional API key and the body-size limits.
+
+It wraps BentoML's own routes too (/schema.json, /docs), so they need the key as well. The key is
+compared in constant time; a body over its limit is a 413 whether or not it declared its length.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from . import datasets, errors
+from .schemas import MAX_PREDICT_BODY
+from .settings import env_name, settings
+
+# What stays open with an API key set: health checks and metrics.
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready")
+# JSON bodies larger than this are refused with 413 (uploads have their own, larger limit).
+MAX_JSON_BODY = 1 << 20
+
+
+class Guard:
+    """ASGI middleware: 401 without the key (when one is set), 413 for a body over its path's limit."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = settings().api_key
+        if key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key.get_secret_value()):
+            return await _send_error(send, 401, "authorization: send the header 'Authorization: Bearer <key>' with "
+                                                f"the key in {env_name('api_key')}", "authorization",
+                                     extra=[(b"www-authenticate", b"Bearer")])
+        limit = _body_limit(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, 413, _too_large(scope["path"], limit), "body")
+        seen, started = 0, False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_error(send, 413, _too_large(scope["path"], limit), "body")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _body_limit(path: str) -> int:
+    if path == "/datasets":
+        return settings().max_upload_bytes + (1 << 20)  # the multipart framing around the file
+    if path == "/predict" or (path.startswith("/v2/") and path.endswith("/infer")):
+        return MAX_PREDICT_BODY  # images
+    return MAX_JSON_BODY
+
+
+def _too_large(path: str, limit: int) -> str:
+    if path == "/datasets":
+        return str(datasets.too_large())
+    return f"body: larger than {limit // 1024} KiB; send fewer or shorter inputs per request"
+
+
+def _authorized(scope, key: str) -> bool:
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+async def _send_error(send, status: int, message: str, field: str | None, extra: list | None = None) -> None:
+    content = errors.body(message, field)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())] + (extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})

@@ -1,0 +1,54 @@
+"""POST /predict and POST /evaluate: a registered model on texts or images.
+
+/predict decodes its request (service.predict_inputs) and makes the one call every front end makes,
+service.inference.predict; concurrent requests for one version and variant share forward passes.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from .. import datasets, inference, predict_inputs
+from ..context import context
+from ..errors import FieldError
+from ..evaluation import evaluate_file, evaluate_images
+from ..schemas import EvaluateRequest, PredictRequest
+
+router = APIRouter(tags=["predict"])
+
+REST = inference.FrontEnd(variant_field="variant", send_texts="send them as inputs",
+                          send_images="send them base64-encoded as images, or as multipart files")
+
+
+@router.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PredictRequest.model_json_schema()},
+    "multipart/form-data": {"schema": predict_inputs.MULTIPART_SCHEMA}}}})
+async def predict(request: Request) -> dict:
+    """Texts (`inputs`) or base64 images (`images`) as JSON, or image `files` as multipart/form-data."""
+    ctx = context(request)
+    body, inputs = await predict_inputs.read(request, ctx.metrics)
+    served, predictions = await inference.predict(ctx, REST, inference.Target(body.model, body.version, body.variant),
+                                                  inputs, body.top_k)
+    return {"model": {"name": served.info.name, "version": served.info.version}, "variant": served.predictor.variant,
+            "predictions": predictions}
+
+
+@router.post("/evaluate")
+async def evaluate(body: EvaluateRequest, request: Request) -> dict:
+    stored = datasets.lookup(body.data, "data")
+    served = await inference.load(context(request), REST, inference.Target(body.model, body.version, body.variant))
+    info, predictor = served.info, served.predictor
+    if predictor.meta.is_image != (stored.kind in datasets.IMAGE_KINDS):
+        model = "an image model" if predictor.meta.is_image else "a text model"
+        wants = "a zip of images" if predictor.meta.is_image else "a table (JSONL, CSV, TSV, Parquet)"
+        raise FieldError("data", f"data: '{body.data}' is {'a table' if stored.kind == datasets.TABLE else 'an image dataset'}; "
+                                 f"{info.ref} is {model} ({predictor.meta.task}) and is evaluated on {wants}")
+    if predictor.meta.is_image:
+        figures = await run_in_threadpool(evaluate_images, predictor, stored.held_out("test"),
+                                          stored.column("image_column", body.image_column),
+                                          stored.column("label_column", body.label_column), stored.folder, body.data)
+    else:
+        figures = await run_in_threadpool(evaluate_file, predictor, stored.path, body.text_column,
+                                          body.label_column or "label", body.data)
+    return {"model": {"name": info.name, "version": info.version}, "variant": predictor.variant, **figures}

@@ -1,0 +1,103 @@
+"""The service's FINETUNE_SERVE_* environment settings: each declared, documented and bounded here, once.
+
+`settings()` reads and validates them the first time it is called (at start-up: service.bento asks
+for the worker count at import) and the whole service takes its values from it. A bad value stops
+the start with one error naming the variable and what it allows. The core reads HOME, CACHE and
+IMAGE_WORKERS itself (it never imports pydantic); they are declared here too, so they are checked at
+start-up and documented in the same table. README.md's settings table is `markdown_table()`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from annotated_types import Ge, Gt, Le
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from finetune_core.errors import ConfigError
+
+PREFIX = "FINETUNE_SERVE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
+
+    home: str = Field("./.finetune-serve", description="job store (`jobs.sqlite3`), uploaded datasets, run folders "
+                                                       "and the model registry (read by the core)")
+    cache: str = Field("~/.cache/finetune-serve", description="where the bundled MiniLM is unpacked (read by the core)")
+    api_key: SecretStr | None = Field(None, description="the API key, see Authentication; unset: the API is open")
+    max_upload_mb: float = Field(100, gt=0, le=1 << 20, description="upload size limit (413 above it)")
+    max_extracted_mb: float = Field(2048, gt=0, le=1 << 20, description="most an uploaded zip may expand to (422 above it)")
+    max_zip_entries: int = Field(100_000, ge=1, le=10_000_000, description="most entries an uploaded zip may hold")
+    api_workers: int = Field(1, ge=1, le=64, description="API worker processes (each holds its own loaded models; "
+                                                         "metrics are summed across them)")
+    max_batch: int = Field(32, ge=1, le=4096, description="most texts or images one batch of `/predict`'s adaptive "
+                                                          "batching takes")
+    max_wait_ms: float = Field(0, ge=0, le=10_000, description="how long an idle predictor waits for more requests "
+                                                               "before running a batch")
+    # bench/serve_bench.py --sweep (MiniLM int8, 32 clients, one text each, 2 cores shared with the HTTP
+    # loop and the load generator): 2 threads without spinning 260 req/s (p99 189 ms); 1 thread 236;
+    # 1 thread spinning 216; 2 threads spinning 187 (the spinning threads took the HTTP loop's CPU).
+    ort_threads: int = Field(2, ge=0, le=1024, description="ONNX Runtime intra-op threads per served model "
+                                                           "(0: one per core)")
+    ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (off: spinning threads took the "
+                                                  "CPU the HTTP loop needed)")
+    train_nice: int = Field(10, ge=0, le=19, description="niceness of the training child process, so training does "
+                                                         "not starve `/predict`")
+    image_workers: int = Field(0, ge=0, le=256, description="image decoding processes beside training (read by the core)")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_extracted_bytes(self) -> int:
+        return int(self.max_extracted_mb * 2**20)
+
+
+class SettingsError(ConfigError):
+    """A FINETUNE_SERVE_* variable holds a value the service cannot use."""
+
+
+@functools.cache
+def settings() -> Settings:
+    """The settings of this process, read once."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            name = str(error["loc"][0])
+            problems.append(f"{env_name(name)}={error.get('input')!r}: {error['msg']}; allowed: {allowed(name)}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def allowed(field: str) -> str:
+    """What a setting accepts, in words, from its type and bounds."""
+    info = Settings.model_fields[field]
+    if info.annotation is bool:
+        return "0 or 1 (or true, false)"
+    kind = {int: "a whole number", float: "a number"}.get(info.annotation, "any text")
+    bounds = []
+    for bound in info.metadata:
+        if isinstance(bound, Ge):
+            bounds.append(f">= {bound.ge}")
+        elif isinstance(bound, Gt):
+            bounds.append(f"> {bound.gt}")
+        elif isinstance(bound, Le):
+            bounds.append(f"<= {bound.le}")
+    return " ".join([kind, " and ".join(bounds)]).strip()
+
+
+def markdown_table() -> str:
+    """README.md's settings table: variable, default and description of every setting."""
+    rows = ["| environment variable | default | what |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else f"`{int(info.default) if info.default is False else info.default}`"
+        rows.append(f"| `{env_name(name)}` | {default} | {info.description} |")
+    return "\n".join(rows)
