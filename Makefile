@@ -40,7 +40,7 @@ test: install
 	$(BIN)/python -m pytest -q -ra --ignore=tests/quality
 
 test-fast: install
-	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not slow"
+	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not slow and not process"
 
 # The quality bars: the defaults, with no hyperparameter given, on SST-2 and small images (data in the repo,
 # minutes of training each) and on hymenoptera (398 photos, 46 MB, too big for the repo): DATA_DIR is the

@@ -1,10 +1,13 @@
 """The console script as a user meets it: one-line errors, no tracebacks, train/evaluate/resume."""
 
+import pytest
 import json
 import subprocess
 import sys
 
 from conftest import REPO, toy_rows, write_jsonl
+
+pytestmark = pytest.mark.process  # runs the console script
 
 CLI = [sys.executable, "-m", "finetune_core.cli"]
 

@@ -11,6 +11,8 @@ from conftest import toy_rows
 from test_cli import cli
 
 
+pytestmark = pytest.mark.process  # runs the console script
+
 def write_csv(path, rows, text="review", label="sentiment", delimiter=";"):
     with path.open("w", newline="", encoding="utf-8-sig") as f:  # as Excel saves "CSV UTF-8"
         writer = csv.writer(f, delimiter=delimiter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import time
@@ -17,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import BENTOML, REPO, Server, upload
 
 from finetune_core.artifacts import export_version
+
+pytestmark = pytest.mark.process  # builds a Bento and starts real servers
 
 BUILD_TIMEOUT_SECONDS = 120
 BOTH_WORKERS_SECONDS = 60

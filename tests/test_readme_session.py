@@ -16,6 +16,8 @@ import httpx
 import pytest
 from service_helpers import REPO, Server
 
+pytestmark = pytest.mark.process  # starts a real server
+
 README_URL = "http://localhost:3000"
 SESSION_TIMEOUT_SECONDS = 240
 MODEL = "sst2-minilm"

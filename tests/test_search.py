@@ -42,6 +42,7 @@ def events(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.process
 def test_a_killed_search_resumes_its_study_and_the_median_pruner_stops_a_bad_trial(tmp_path, job, capsys):
     import optuna
 

@@ -14,6 +14,8 @@ from conftest import toy_rows
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import Server, finetune_body, upload, wait_for_job
 
+pytestmark = pytest.mark.process  # starts a real server
+
 KEY = "test-key-0123"
 UPLOAD_LIMIT_MB = 0.1
 

@@ -276,6 +276,7 @@ def batch_figures(url: str) -> tuple[float, float]:
     return found.get("finetune_inference_batch_size_count", 0.0), found.get("finetune_inference_batch_size_sum", 0.0)
 
 
+@pytest.mark.process
 def test_concurrent_http_clients_are_batched_and_get_their_own_answers(server):
     texts = [f"{a} {b}" for a in ("great", "awful", "the plot was lovely", "dull acting") for b in ("film", "movie plot", "x")]
     with httpx.Client(base_url=server.url, timeout=60) as client:

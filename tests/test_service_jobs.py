@@ -131,6 +131,7 @@ def _claim_all(path: str, out) -> None:
     out.put(claimed)
 
 
+@pytest.mark.process
 def test_concurrent_claims_from_processes_never_share_a_job(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     store = SqliteJobStore(path)

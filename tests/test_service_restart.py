@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 import signal
 import time
@@ -11,6 +12,8 @@ from conftest import toy_rows
 from service_helpers import Server, alive, descendants, finetune_body, upload, wait_for_job
 
 from service.jobs import SqliteJobStore
+
+pytestmark = pytest.mark.process  # starts and kills a real server
 
 CHECKPOINT_EVERY = 5
 

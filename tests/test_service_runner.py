@@ -41,6 +41,7 @@ def runner(tmp_path):
     running.stop()
 
 
+@pytest.mark.process
 def test_a_killed_child_fails_its_job_with_the_reason_and_ran_niced_with_capped_threads(runner, tiny_base, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
     job = runner.store.create(_spec(tiny_base, train, epochs=300))  # num_threads left to the service
@@ -56,6 +57,7 @@ def test_a_killed_child_fails_its_job_with_the_reason_and_ran_niced_with_capped_
     assert runner.alive()  # the runner outlives its child
 
 
+@pytest.mark.process
 def test_bad_data_fails_with_the_core_message_and_the_next_job_still_runs(runner, tiny_base, tmp_path):
     missing = runner.store.create(_spec(tiny_base, tmp_path / "nowhere.jsonl"))
     one_class = write_jsonl(tmp_path / "one.jsonl", [{"text": f"row {i}", "label": "a"} for i in range(20)])

@@ -4,6 +4,7 @@ registers the best trial's model."""
 
 from __future__ import annotations
 
+import pytest
 import json
 
 import httpx
@@ -12,6 +13,8 @@ from service_helpers import Server, finetune_body, upload, wait_for_job
 
 GOOD_LR, BAD_LR = 3e-3, 1e-6
 
+
+pytestmark = pytest.mark.process  # starts a real server
 
 def test_search_job_over_rest(tmp_path, tiny_base):
     server = Server(tmp_path / "home", tmp_path / "server.log").start()

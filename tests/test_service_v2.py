@@ -16,6 +16,8 @@ from artifact_helpers import LABELS
 from service_helpers import serve_toy_model
 from tritonclient.utils import InferenceServerException
 
+pytestmark = pytest.mark.process  # starts a real server
+
 KEY = "v2-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TEXTS = ["a great film", "the plot was awful", "quite a lovely movie really", "dull"]
