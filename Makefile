@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo serve bento test test-fast quality bench clean
+.PHONY: install run demo serve bento test test-fast test-cluster quality bench clean run-api run-trainer capacity
 RUN_DIR ?= runs/demo
 # BentoML's usage tracking off unless set: the service and its build need no network.
 export BENTOML_DO_NOT_TRACK ?= true
@@ -31,13 +31,33 @@ PORT ?= 3000
 run serve: install
 	$(BIN)/bentoml serve service.bento:FinetuneServe --host 127.0.0.1 --port $(PORT)
 
+# The same service as separate processes, as Kubernetes runs it (README: Running as several processes): the
+# API alone, and a trainer alone that polls the job store. Both need the same FINETUNE_SERVE_HOME and, for more
+# than one machine, FINETUNE_SERVE_DATABASE_URL; run each in its own terminal.
+TRAINER_PORT ?= 3001
+run-api: install
+	$(BIN)/bentoml serve service.bento:Api --host 127.0.0.1 --port $(PORT)
+
+run-trainer: install
+	$(BIN)/bentoml serve service.bento:Trainer --host 127.0.0.1 --port $(TRAINER_PORT)
+
+# Capacity on this machine: /predict with 1 and 2 API processes, jobs with 1 and 2 trainers (README: Capacity).
+capacity: install
+	test -d $(RUN_DIR)/model || $(MAKE) demo RUN_DIR=$(RUN_DIR)
+	$(BIN)/python bench/capacity.py --run $(RUN_DIR)
+
 # The packaged service: a Bento in BENTOML_HOME (default ~/bentoml), built offline from bentofile.yaml.
 bento: install
 	$(BIN)/bentoml build .
 
 # Everything a clone needs is in it (tests/assets); tests/quality runs under `make quality`.
 test: install
-	$(BIN)/python -m pytest -q -ra --ignore=tests/quality
+	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not cluster"
+
+# The deployment as Kubernetes runs it, on one machine: two API and two trainer servers on a throwaway
+# PostgreSQL, 51 jobs (about 6 minutes on 2 cores, so apart from make test; .ci/run runs both).
+test-cluster: install
+	$(BIN)/python -m pytest -q -ra -m cluster tests/test_cluster.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not slow and not process"

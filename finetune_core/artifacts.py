@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -26,20 +27,25 @@ import torch
 from torch import nn
 
 from . import export, registry
+from .config import DISTILL_GATE_POINTS
 from .data import clean
 from .errors import ConfigError, DataError
 from .evaluate import classification_metrics, regression_metrics
 from .metadata import Columns, Manifest, ModelMeta, VariantRecord, read_meta
 from .model import load_trained
-from .predict import (ImagePredictor, Predictor, TextPredictor, eager_backend, onnx_backend, regression_values,
-                      torchscript_backend)
+from .predict import (DISTILLED_VARIANTS, ImagePredictor, Predictor, TextPredictor, eager_backend, measuring_machine,
+                      onnx_backend, regression_values, torchscript_backend)
 from .tables import encode_labels, read_examples, regression_targets
 
 log = logging.getLogger(__name__)
 
-EXPORT_VARIANTS = ("onnx", "torchscript", "int8", "bf16")
+TEACHER_VARIANTS = ("onnx", "torchscript", "int8", "bf16")  # built from the trained model; the default
+EXPORT_VARIANTS = TEACHER_VARIANTS + DISTILLED_VARIANTS
 MODEL_FOLDER = "model"
-FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx"}
+DISTILLED_FOLDER = "distilled"  # the `distilled` variant: the student's model folder with its ONNX export inside
+# The teacher's ONNX file and the student's (inside its folder) share a name; the registry serves the student by it.
+FILES = {"onnx": registry.STUDENT_ONNX, "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
+         "distilled-int8": "distilled.int8.onnx"}
 # Single-input calls timed for the latency figure; the throughput figure is the whole validation pass.
 LATENCY_SAMPLES = 20
 
@@ -49,6 +55,7 @@ class _Subject:
     """The trained model and what proves it: its inputs, a reference predictor, validation rows."""
 
     model: nn.Module
+    model_dir: Path
     meta: ModelMeta
     inputs: export.ModelInputs
     reference: Predictor  # eager fp32
@@ -62,26 +69,37 @@ class _Subject:
 def export_version(
     model_dir: str | Path,
     name: str,
-    variants: Sequence[str] = EXPORT_VARIANTS,
+    variants: Sequence[str] = TEACHER_VARIANTS,
     validation: str | Path | None = None,
     gate_points: float = export.DEFAULT_GATE_POINTS,
     text_column: str | None = None,
     label_column: str | None = None,
     image_column: str | None = None,
+    *,
+    student: str | Path | None = None,
+    distill_gate: float = DISTILL_GATE_POINTS,
+    run_dir: str | Path | None = None,
 ) -> registry.VersionInfo:
     """Build the asked-for variants of RUN_DIR/model, prove and measure each, register a new version.
 
-    validation defaults to RUN_DIR/splits/validation.jsonl. Raises ParityError when an fp32 artifact
-    does not match PyTorch; int8/bf16 variants failing the gate are recorded as refused. The columns
-    name a given validation file's columns; by default the ones the model was trained with.
+    validation defaults to RUN_DIR/splits/validation.jsonl (RUN_DIR: `run_dir`, else the model folder's
+    parent; its metrics.json and, for image int8, its splits/train.jsonl are used too). Raises
+    ParityError when an fp32 artifact does not match PyTorch; int8/bf16 variants failing the gate
+    are recorded as refused. The columns name a given validation file's columns; by default the ones
+    the model was trained with. `distilled` / `distilled-int8` need `student`, a distilled model
+    folder (finetune_core.distill): it is proved like the teacher and gated against it by distill_gate.
     """
     registry.validate_name(name)
     unknown = [v for v in variants if v not in EXPORT_VARIANTS]
     if unknown:
         raise ConfigError(f"variants: unknown {unknown}; choose from {', '.join(EXPORT_VARIANTS)}")
+    distilled = [v for v in DISTILLED_VARIANTS if v in variants]
+    if distilled and student is None:
+        raise ConfigError(f"variants: {distilled} need a distilled student; distil first (`finetune-serve distill`, "
+                          "or ask for them in POST /finetune), or leave them out")
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    run_dir = model_dir.parent
+    run_dir = Path(run_dir) if run_dir is not None else model_dir.parent
     columns = meta.columns(text_column, label_column, image_column)
     if validation is None:  # the run's own split, written with the standard column names
         validation, columns = run_dir / "splits" / "validation.jsonl", Columns()
@@ -89,8 +107,10 @@ def export_version(
     if not validation.exists():
         raise DataError(f"validation file '{validation}' does not exist; pass --validation FILE (JSONL with "
                         f"text and label; for image models an image list or a class folder)")
+    train_list = run_dir / "splits" / "train.jsonl"
+    wants_int8 = "int8" in variants or "distilled-int8" in variants
     if meta.is_image:
-        subject = _image_subject(model_dir, validation, run_dir / "splits" / "train.jsonl", "int8" in variants, columns)
+        subject = _image_subject(model_dir, validation, train_list, wants_int8, columns)
     else:
         subject = _text_subject(model_dir, validation, columns)
 
@@ -99,31 +119,27 @@ def export_version(
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as scratch:
         staging = Path(scratch) / "version"
         shutil.copytree(model_dir, staging / MODEL_FOLDER)
-        for variant in variants:
+        for variant in (v for v in variants if v in TEACHER_VARIANTS):
             start = time.perf_counter()
-            path, backend, quantization = _build(variant, subject, staging, Path(scratch))
-            candidate = subject.predictor(backend, variant)
-            if variant in ("onnx", "torchscript"):
-                proof = export.check_parity(subject.reference.backend, backend, subject.batches)  # raises when off
-                accepted, reason = True, f"matches PyTorch within {proof['atol']:g} (max abs diff {proof['max_abs_diff']:.2g})"
-                measured = _measure(candidate, subject.examples, subject.targets)
+            records[variant] = _prove(variant, subject, fp32, gate_points, staging, Path(scratch))
+            log.info("%s: %s in %.1fs: %s", name, variant, time.perf_counter() - start, records[variant].reason)
+        if distilled:  # distilled-int8 alone brings distilled: it is served with the student's folder
+            with_int8 = "distilled-int8" in variants
+            if meta.is_image:
+                student_subject = _image_subject(Path(student), validation, train_list, with_int8, columns)
             else:
-                proof = export.parity_figures(subject.reference.backend, backend, subject.batches)
-                if quantization:
-                    proof["quantization"] = quantization
-                measured = _measure(candidate, subject.examples, subject.targets)
-                accepted, reason = export.accuracy_gate(fp32, measured, gate_points)
-                if not accepted and path.is_file():
-                    path.unlink()  # a refused variant is recorded, not stored
-            stored = path.relative_to(staging).as_posix() if accepted else None
-            records[variant] = VariantRecord(accepted, reason, file=stored, proof=proof, figures=measured)
-            log.info("%s: %s in %.1fs: %s", name, variant, time.perf_counter() - start, reason)
+                student_subject = _text_subject(Path(student), validation, columns)
+            records |= _distilled(student_subject, fp32, records, with_int8, gate_points, distill_gate, staging,
+                                  Path(scratch))
         metrics = _run_metrics(run_dir)
+        proof = {"validation_file": str(validation.resolve()), "rows": len(subject.examples), "gate_points": gate_points,
+                 "parity_atol": export.PARITY_ATOL, "machine": measuring_machine()}
+        if distilled:
+            proof["distill_gate"] = distill_gate
         manifest = Manifest(
             model=subject.meta,
             variants=records,
-            proof={"validation_file": str(validation.resolve()), "rows": len(subject.examples), "gate_points": gate_points,
-                   "parity_atol": export.PARITY_ATOL},
+            proof=proof,
             source_run=str(run_dir.resolve()),
             training_metrics=metrics.get("train"),
             validation_metrics=metrics.get("validation"),
@@ -131,12 +147,89 @@ def export_version(
         return registry.register(name, staging, manifest)
 
 
+def _prove(variant: str, subject: _Subject, fp32: dict, gate_points: float, staging: Path, scratch: Path,
+           against: str = "fp32") -> VariantRecord:
+    """Build one variant into staging, prove it (fp32: parity, raising when off; lossy: the gate), measure it."""
+    path, backend, quantization = _build(variant, subject, staging, scratch)
+    candidate = subject.predictor(backend, variant)
+    if variant in ("onnx", "torchscript"):
+        proof = export.check_parity(subject.reference.backend, backend, subject.batches)  # raises when off
+        accepted, reason = True, f"matches PyTorch within {proof['atol']:g} (max abs diff {proof['max_abs_diff']:.2g})"
+        measured = _measure(candidate, subject.examples, subject.targets)
+    else:
+        proof = export.parity_figures(subject.reference.backend, backend, subject.batches)
+        if quantization:
+            proof["quantization"] = quantization
+        measured = _measure(candidate, subject.examples, subject.targets)
+        accepted, reason = export.accuracy_gate(fp32, measured, gate_points, against)
+        if not accepted and path.is_file():
+            path.unlink()  # a refused variant is recorded, not stored
+    stored = path.relative_to(staging).as_posix() if accepted else None
+    return VariantRecord(accepted, reason, file=stored, proof=proof, figures=measured)
+
+
+def _distilled(student: _Subject, teacher_fp32: dict, teacher: dict[str, VariantRecord], with_int8: bool,
+               gate_points: float, distill_gate: float, staging: Path, scratch: Path) -> dict[str, VariantRecord]:
+    """The student proved like the teacher, gated against it, stored as `distilled` (and `distilled-int8`).
+
+    distilled: the student's folder (its model files and model.onnx, which serves it). Its ONNX and
+    TorchScript exports must match the eager student within the parity tolerance (ParityError
+    otherwise); it is accepted when its accuracy is within distill_gate points of the teacher's fp32.
+    distilled-int8: int8 from the student's ONNX, accepted within gate_points of the student's fp32 and
+    within distill_gate of the teacher's. Both record the teacher's figure and the speed-up against
+    each of the teacher's measured variants (batch 1: latency; batch 32: throughput).
+    """
+    folder = staging / DISTILLED_FOLDER
+    shutil.copytree(student.model_dir, folder)
+    student_fp32 = _measure(student.reference, student.examples, student.targets)
+    about = _run_metrics(student.model_dir.parent)
+    onnx_record = _prove("onnx", student, student_fp32, gate_points, folder, scratch)  # writes folder/model.onnx
+    torchscript_record = _prove("torchscript", student, student_fp32, gate_points, scratch, scratch)  # a proof only
+    (scratch / FILES["torchscript"]).unlink()
+    measured = onnx_record.figures
+    accepted, reason = export.accuracy_gate(teacher_fp32, measured, distill_gate, against="the teacher")
+    proof = {"onnx": onnx_record.proof, "torchscript": torchscript_record.proof, "eager_fp32": student_fp32,
+             "distillation": about.get("distillation"), "training": about.get("train")}
+    if student.meta.is_image:  # the student's own input, which may be smaller than the teacher's
+        proof["input"] = {"image_size": student.meta.image_size, "resize_size": student.meta.resize_size}
+    if not accepted:
+        shutil.rmtree(folder)  # refused: recorded, not stored
+    records = {"distilled": VariantRecord(accepted, reason, file=DISTILLED_FOLDER if accepted else None, proof=proof,
+                                          figures={**measured, **_beside_teacher(measured, teacher_fp32, teacher)})}
+    if not with_int8:
+        return records
+    if not accepted:
+        records["distilled-int8"] = VariantRecord(False, f"not built: the distilled student was refused ({reason})")
+        return records
+    int8 = _prove("int8", student, student_fp32, gate_points, folder, scratch, against="the student's fp32")
+    built = folder / FILES["int8"]
+    if built.is_file():  # beside the student's folder, not in it: each variant's file has its own checksum
+        os.replace(built, staging / FILES["distilled-int8"])
+    ok_teacher, against_teacher = export.accuracy_gate(teacher_fp32, int8.figures, distill_gate, against="the teacher")
+    accepted = int8.accepted and ok_teacher
+    if not accepted and (staging / FILES["distilled-int8"]).is_file():
+        (staging / FILES["distilled-int8"]).unlink()
+    records["distilled-int8"] = VariantRecord(
+        accepted, f"{int8.reason}; {against_teacher}", file=FILES["distilled-int8"] if accepted else None,
+        proof=int8.proof, figures={**int8.figures, **_beside_teacher(int8.figures, teacher_fp32, teacher)})
+    return records
+
+
+def _beside_teacher(measured: dict, teacher_fp32: dict, teacher: dict[str, VariantRecord]) -> dict:
+    """The teacher's quality figure and the speed-ups against each teacher variant measured in this export."""
+    metric = "accuracy" if "accuracy" in teacher_fp32 else "r2"
+    speedup = {name: {"batch1": round(record.figures["latency_ms_batch1"] / measured["latency_ms_batch1"], 3),
+                      "batch32": round(measured["throughput_per_s"] / record.figures["throughput_per_s"], 3)}
+               for name, record in teacher.items() if record.accepted and "throughput_per_s" in record.figures}
+    return {f"teacher_{metric}": teacher_fp32[metric], "speedup": speedup}
+
+
 def _text_subject(model_dir: Path, validation: Path, columns: Columns) -> _Subject:
     model, tokenizer, meta = load_trained(model_dir)
     texts, labels, _ = clean(*read_examples(validation, columns.text, columns.label, "validation"), meta.lowercase)
     reference = TextPredictor(tokenizer, meta, eager_backend(model), "pytorch")
     return _Subject(
-        model=model, meta=meta, inputs=export.text_inputs(tokenizer), reference=reference, examples=texts,
+        model=model, model_dir=model_dir, meta=meta, inputs=export.text_inputs(tokenizer), reference=reference, examples=texts,
         targets=_targets(labels, meta), batches=export.parity_batches(reference.encode, texts, meta.max_length),
         predictor=lambda backend, variant: TextPredictor(tokenizer, meta, backend, variant), calibration=None,
     )
@@ -155,7 +248,7 @@ def _image_subject(model_dir: Path, validation: Path, train_list: Path, needs_ca
     # The first 16 validation images as the model sees them in serving: batches of 1, 4 and 16.
     batches = export.image_parity_batches(reference.pixels(paths[:16]))
     return _Subject(
-        model=model, meta=meta, inputs=export.image_inputs(meta.image_size), reference=reference, examples=paths,
+        model=model, model_dir=model_dir, meta=meta, inputs=export.image_inputs(meta.image_size), reference=reference, examples=paths,
         targets=_targets(labels, meta), batches=batches,
         predictor=lambda backend, variant: ImagePredictor(meta, backend, variant),
         calibration=lambda: calibration_batches(train_list, reference),
@@ -216,6 +309,9 @@ def _measure(predictor: Predictor, examples: list, targets: np.ndarray) -> dict:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # less padding per chunk
     else:
         order = list(range(len(examples)))
+    # One untimed call first: a backend's first run allocates and plans (oneDNN primitives, ORT arenas), and
+    # the default variant is chosen by these figures, so each is timed warm.
+    predictor.logits(examples[:1])
     start = time.perf_counter()
     sorted_logits = predictor.logits([examples[i] for i in order])
     elapsed = time.perf_counter() - start

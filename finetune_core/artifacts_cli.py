@@ -28,7 +28,8 @@ def add_commands(subparsers) -> None:
 
     predict = subparsers.add_parser("predict", help="predict with a registered model")
     predict.add_argument("--model", required=True, help="NAME, NAME:vN, NAME:latest or NAME:production")
-    predict.add_argument("--variant", help="pytorch, onnx, torchscript, int8 or bf16 (default: the fastest accepted one, int8 first)")
+    predict.add_argument("--variant", help="pytorch, onnx, torchscript, int8, bf16, distilled or distilled-int8 "
+                         "(default: the fastest accepted one, as measured at export)")
     predict.add_argument("--top-k", type=int, default=None, help="how many label scores to return per input")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="texts; for image models, image files")
     predict.set_defaults(handler=_predict)

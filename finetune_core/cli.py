@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from .artifacts_cli import add_commands, column_flags
-from .config import PRECISIONS, TASKS
+from .config import PRECISIONS, TASKS, TRUNCATIONS
 from .errors import FinetuneError
 from .search_space import PRUNERS, SAMPLERS
 
@@ -64,6 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=128)
     ev.set_defaults(handler=cmd_evaluate)
 
+    distill = commands.add_parser("distill", help="distil a registered version into a smaller, faster student, "
+                                  "registered as a new version with the distilled and distilled-int8 variants",
+                                  description="defaults: DistillConfig in finetune_core/config.py")
+    distill.add_argument("--model", required=True, help="the teacher: NAME:vN (NAME alone: production, else latest)")
+    distill.add_argument("--config", help="YAML or JSON file with a distill: block; flags override it")
+    distill.add_argument("--alpha", type=float, help="weight of the distillation term; the labels get 1 - alpha")
+    distill.add_argument("--temperature", type=float)
+    distill.add_argument("--layers", dest="student_layers", type=_int_list,
+                         help="text: the teacher's encoder layers to keep, e.g. 1,3,5 (default: every other, the last kept)")
+    distill.add_argument("--student", help="text: a local model folder using the teacher's tokenizer, instead of --layers")
+    distill.add_argument("--image-size", type=int, help="images: the student's input in pixels; 0: the teacher's")
+    distill.add_argument("--block-depths", type=_int_list, help="images: blocks kept per stage, e.g. 1,2,2,3,2,2,1")
+    distill.add_argument("--distill-data", help="extra unlabelled rows (a table with the text column, or images)")
+    distill.add_argument("--max-rows", type=int, help="rows distilled on, a seeded sample; 0: all")
+    distill.add_argument("--epochs", type=int)
+    distill.add_argument("--learning-rate", type=float, help="default: the teacher's")
+    distill.add_argument("--gate", dest="distill_gate", type=float,
+                         help="accuracy points the student may lose against the teacher before it is refused")
+    distill.add_argument("--seed", type=int)
+    distill.add_argument("--train", help="labelled rows to distil on when the version's training run is gone (with --validation)")
+    distill.add_argument("--validation", help="labelled rows for early stopping and the gate (with --train)")
+    distill.add_argument("--output", help="the student's run folder (default: runs/distill-NAME-VERSION under the registry)")
+    distill.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill.set_defaults(handler=cmd_distill)
+
     add_commands(commands)  # export, predict, models
     return parser
 
@@ -80,6 +105,8 @@ def job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=_or_auto(float), help="default: the task's (images: auto)")
     parser.add_argument("--max-length", type=_or_auto(int), help="text: tokens; default auto, from the rows' lengths")
+    parser.add_argument("--truncation", choices=[*TRUNCATIONS, "auto"],
+                        help="text longer than max-length keeps its head, or head and tail; default auto")
     parser.add_argument("--image-size", type=_or_auto(int),
                         help="image tasks: input pixels; 0: the model's own (224); default auto, from the images")
     parser.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="image tasks: no training augmentation")
@@ -108,7 +135,7 @@ def raw_config(args) -> dict:
     flags = {
         "data": {"train": args.train, "validation": args.validation, "test": args.test, "task": args.task,
                  "text_column": args.text_column, "label_column": args.label_column,
-                 "image_column": args.image_column, "max_length": args.max_length,
+                 "image_column": args.image_column, "max_length": args.max_length, "truncation": args.truncation,
                  "image_size": args.image_size, "augment": args.augment, "horizontal_flip": args.horizontal_flip},
         "model": {"base_model": args.model, "freeze": args.freeze},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -188,6 +215,43 @@ def _summary(metrics: dict) -> dict:
     keep = ("accuracy", "macro_f1", "weighted_f1", "loss", "mse", "mae", "r2", "pearson", "n")
     out = {role: {k: v for k, v in metrics[role].items() if k in keep} for role in ("validation", "test") if metrics[role]}
     return {**out, "train": metrics["train"], "diagnosis": metrics["diagnosis"]["summary"]}
+
+
+def _int_list(text: str) -> list[int]:
+    """"1,3,5" -> [1, 3, 5] (argparse names the flag when int() fails)."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def cmd_distill(args) -> int:
+    from . import registry
+    from .config import distill_config_from_dict, load_config, merge
+    from .distill import distill_version
+
+    raw = load_config(args.config).get("distill") or {} if args.config else {}
+    flags = {name: getattr(args, name) for name in ("alpha", "temperature", "student_layers", "student", "image_size",
+                                                    "block_depths", "distill_data", "max_rows", "epochs",
+                                                    "learning_rate", "distill_gate", "seed")}
+    dcfg = distill_config_from_dict(merge({"distill": raw}, {"distill": flags})["distill"])
+    name, ref = registry.parse_ref(args.model)
+    teacher = registry.resolve(name, ref)
+    output = args.output or registry.root() / "runs" / f"distill-{teacher.name}-{teacher.version}"
+    bar = None if args.quiet else _ProgressBar()
+    try:
+        with _stop_on_signals() as stop:
+            info = distill_version(teacher.name, teacher.version, dcfg, output, train=args.train,
+                                   validation=args.validation, on_event=bar, should_stop=stop.is_set)
+    finally:
+        if bar:
+            bar.close()
+    if info is None:
+        print(f"cancelled; the student's checkpoints are in {output}", file=sys.stderr)
+        return 3
+    records = info.manifest.variants
+    print(json.dumps({"model": info.ref, "teacher": teacher.ref, "student_run": str(output),
+                      "variants": {v: {"accepted": r.accepted, "reason": r.reason} for v, r in records.items()},
+                      "distilled": {k: v for k, v in records["distilled"].to_dict().items()
+                                    if k not in ("proof", "per_class", "confusion_matrix", "labels")}}, indent=2))
+    return 0
 
 
 def cmd_evaluate(args) -> int:

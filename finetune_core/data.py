@@ -20,6 +20,8 @@ from .errors import DataError
 from .tables import encode_labels, is_missing_label, label_key, label_names, read_examples, regression_targets
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# head+tail truncation: the share of max_length taken from the start of a long text (the rest from its end).
+HEAD_SHARE = 0.25
 
 
 # ---------------------------------------------------------------- clean
@@ -242,10 +244,28 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]]
 
 
-def encode(tokenizer, texts: list[str], targets: list, max_length: int, regression: bool = False) -> Encoded:
-    """Tokenize without padding, truncating at max_length."""
-    features = dict(tokenizer(texts, truncation=True, max_length=max_length))
-    features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, list[list[int]]]:
+    """Token ids (and masks) of each text, unpadded, at most max_length long, special tokens included.
+
+    truncation "head" keeps a long text's first max_length tokens; "head+tail" its first quarter and its
+    last three quarters, closing special token included (Sun et al. 2019, "How to Fine-Tune BERT for Text
+    Classification": 128 + 382 of 512 tokens gave the lowest error on IMDb reviews, below head or tail alone).
+    """
+    if truncation == "head":
+        features = dict(tokenizer(texts, truncation=True, max_length=max_length))
+    else:
+        features = dict(tokenizer(texts, truncation=False))
+        head = max(1, round(HEAD_SHARE * max_length))
+        tail = max_length - head
+        features = {name: [row if len(row) <= max_length else row[:head] + row[len(row) - tail:] for row in rows]
+                    for name, rows in features.items()}
+    return {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def encode(tokenizer, texts: list[str], targets: list, max_length: int, regression: bool = False,
+           truncation: str = "head") -> Encoded:
+    """Tokenize without padding, truncating at max_length (see tokenize)."""
+    features = tokenize(tokenizer, texts, max_length, truncation)
     lengths = [len(ids) for ids in features["input_ids"]]
     return Encoded(features, list(targets), lengths, tokenizer.pad_token_id or 0, regression)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,55 +100,3 @@ def evaluate(model: nn.Module, encoded, loss_fn, *, label_names: list[str] | Non
 def scalars(metrics: dict) -> dict:
     """The numeric headline figures of a metrics dict (what the training history keeps)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}
-
-
-# ---------------------------------------------------------------- pictures
-
-
-def plot_curves(step_events: list[dict], history: list[dict], metric: str, path: str | Path) -> None:
-    """Training loss per logged step and validation loss and metric per evaluation."""
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    if step_events:
-        left.plot([e["step"] for e in step_events], [e["loss"] for e in step_events], label="train loss", alpha=0.7)
-    if history:
-        left.plot([h["step"] for h in history], [h["loss"] for h in history], "o-", label="validation loss")
-        right.plot([h["step"] for h in history], [h[metric] for h in history], "o-", color="tab:green")
-    left.set(xlabel="optimizer step", ylabel="loss", title="Loss")
-    left.legend()
-    right.set(xlabel="optimizer step", ylabel=metric, title=f"Validation {metric}")
-    right.grid(alpha=0.3)
-    left.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path, title: str = "Confusion matrix") -> None:
-    """Counts with row-normalised colour, true labels down, predictions across."""
-    plt = pyplot()
-    cm = np.asarray(matrix)
-    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.6 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -332,13 +332,16 @@ def check_parity(reference_fn: Forward, candidate_fn: Forward, batches: Sequence
     return figures
 
 
-def accuracy_gate(reference: dict, candidate: dict, gate_points: float = DEFAULT_GATE_POINTS) -> tuple[bool, str]:
-    """Accept a lossy variant when its metric drops by at most gate_points against fp32.
+def accuracy_gate(reference: dict, candidate: dict, gate_points: float = DEFAULT_GATE_POINTS,
+                  against: str = "fp32") -> tuple[bool, str]:
+    """Accept a lossy variant (or a distilled student) when its metric drops by at most gate_points.
 
-    The metric is accuracy for classification and r2 for regression, both in points (x100).
+    The metric is accuracy for classification and r2 for regression, both in points (x100);
+    `against` names the reference in the reason ("fp32", "the teacher").
     """
     metric = "accuracy" if "accuracy" in reference else "r2"
     drop = 100.0 * (reference[metric] - candidate[metric])
     verdict = "within" if drop <= gate_points else "exceeds"
-    reason = f"{metric} drop {drop:.2f} points vs fp32 ({100 * reference[metric]:.2f} -> {100 * candidate[metric]:.2f}) {verdict} the gate of {gate_points:g}"
+    reason = (f"{metric} drop {drop:.2f} points vs {against} ({100 * reference[metric]:.2f} -> "
+              f"{100 * candidate[metric]:.2f}) {verdict} the gate of {gate_points:g}")
     return drop <= gate_points, reason

@@ -26,3 +26,25 @@ def inverse_frequency_weights(targets: list[int], k: int) -> torch.Tensor:
     """Class c weighs rows / (k * rows of c): a balanced set gets 1 everywhere, rare classes count more."""
     counts = torch.bincount(torch.tensor(targets), minlength=k).float().clamp(min=1)
     return counts.sum() / (k * counts)
+
+
+def distillation_loss(hard: LossFn, alpha: float, temperature: float, regression: bool = False) -> LossFn:
+    """(1 - alpha) * hard(logits, batch) + alpha * a term pulling the student towards batch["teacher_logits"].
+
+    Classification: T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over classes and
+    averaged over rows ("batchmean"; a plain mean would also divide by the class count and shrink the
+    term k-fold). T^2 keeps its gradients on the scale of the hard loss's as T changes (Hinton et al.).
+    Regression: MSE between the student's and the teacher's (standardised) outputs.
+    """
+
+    def loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        teacher = batch["teacher_logits"]
+        if regression:
+            soft = F.mse_loss(logits[:, 0], teacher[:, 0])
+        else:
+            soft = temperature**2 * F.kl_div(F.log_softmax(logits / temperature, dim=-1),
+                                             F.log_softmax(teacher / temperature, dim=-1),
+                                             reduction="batchmean", log_target=True)
+        return (1.0 - alpha) * hard(logits, batch) + alpha * soft
+
+    return loss

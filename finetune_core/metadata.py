@@ -43,6 +43,7 @@ class ModelMeta:
     target_std: float | None = None
     # Text models.
     max_length: int | None = None
+    truncation: str = "head"  # or head+tail: what a text longer than max_length keeps (data.tokenize)
     lowercase: bool = False
     # The columns the training files used: reused when a file is read for this model (export, evaluate).
     text_column: str = "text"
@@ -54,6 +55,7 @@ class ModelMeta:
     resize_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    block_depths: list[int] | None = None  # blocks kept per stage (a distilled student); None: the arch's own
 
     @property
     def is_image(self) -> bool:

@@ -27,7 +27,8 @@ from . import data as D
 from .config import LOWER_IS_BETTER, JobConfig, config_from_dict
 from .errors import ConfigError, DataError
 from .diagnose import diagnose, label_issues
-from .evaluate import evaluate, plot_confusion, plot_curves, predict_logits, scalars
+from .evaluate import evaluate, predict_logits, scalars
+from .plots import plot_confusion, plot_curves
 from .losses import inverse_frequency_weights, make_loss
 from .metadata import ModelMeta, read_meta
 from .model import build_model, freeze, load_trained, save_trained
@@ -158,13 +159,14 @@ def _prepare_text(cfg: JobConfig, dataset: D.Dataset):
     limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
     cfg, chosen = auto.resolve_text(cfg, token_lengths["train"], limit)
     params = freeze(model, cfg.model.freeze)
-    rows = {role: D.encode(tokenizer, split.inputs, _standardised(dataset, split.targets), cfg.data.max_length, regression)
-            for role, split in dataset.splits.items()}
+    rows = {role: D.encode(tokenizer, split.inputs, _standardised(dataset, split.targets), cfg.data.max_length, regression,
+                          cfg.data.truncation) for role, split in dataset.splits.items()}
     extra = {"tokens": {r: D.token_report(v, cfg.data.max_length) for r, v in token_lengths.items()}, "parameters": params,
              "auto": chosen}
 
     def save(model, meta: ModelMeta, model_dir: Path) -> None:
-        save_trained(model, tokenizer, replace(meta, max_length=cfg.data.max_length, lowercase=cfg.data.lowercase), model_dir)
+        save_trained(model, tokenizer, replace(meta, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                                     lowercase=cfg.data.lowercase), model_dir)
 
     return cfg, model, rows, extra, save
 
@@ -221,7 +223,7 @@ def evaluate_saved(model_dir: str | Path, data: str, text_column: str | None = N
     if meta.is_image:
         rows = ImageRows(inputs, targets, ImageSpec.from_meta(meta), meta.is_regression)
     else:
-        rows = D.encode(tokenizer, inputs, targets, meta.max_length, meta.is_regression)
+        rows = D.encode(tokenizer, inputs, targets, meta.max_length, meta.is_regression, meta.truncation)
     metrics = evaluate(model, rows, make_loss(meta.is_regression), label_names=meta.labels, target_mean=meta.target_mean,
                        target_std=meta.target_std, batch_size=batch_size)
     return {**metrics, "cleaning": report}

@@ -2,13 +2,17 @@
 
 A predictor is a tokenizer, the model's metadata and a backend: a function from a tokenized batch
 to logits. Backends: ONNX Runtime (fp32 or int8 file), TorchScript, eager PyTorch in fp32 or bf16.
-`load_predictor` picks one for a registered version, falling back (with a log line saying why)
-when the machine cannot run the one asked for. Load once, predict many; safe to share across threads.
+A distilled student (`distilled`, `distilled-int8`) is served by ONNX Runtime with its own metadata
+and tokenizer. `load_predictor` picks one for a registered version, by default the fastest accepted
+as measured at export (`default_variant`), falling back (with a log line saying why) when the
+machine cannot run the one asked for. Load once, predict many; safe to share across threads.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import re
 import threading
 import warnings
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from . import registry
+from .data import tokenize
 from .errors import ConfigError, DataError
 from .export import Batch, Forward, model_input_names
 from .metadata import ModelMeta, read_meta
@@ -27,12 +32,17 @@ from .model import bf16_supported, logits_of
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("pytorch", "onnx", "torchscript", "int8", "bf16")
-# When no variant is asked for, the first accepted of these. int8 (accepted only within the accuracy
-# gate) was the fastest everywhere in bench/inference.py on 2 cores: 2.0-4.0x eager fp32 from batch 1
-# to 32, against 1.4-2.0x for bf16 and 0.9-2.1x for ONNX fp32; then the exact fp32 variants. Images
-# (EfficientNet-Lite0 at 224, static int8, 1 thread): int8 1.3-2.0x ONNX fp32, which is 2.1-5.4x eager.
-DEFAULT_ORDER = ("int8", "onnx", "torchscript", "pytorch")
+DISTILLED_VARIANTS = ("distilled", "distilled-int8")  # the student (ONNX fp32) and its int8 form
+VARIANTS = ("pytorch", "onnx", "torchscript", "int8", "bf16") + DISTILLED_VARIANTS
+# The default for a manifest without measured throughput (written before the figures were recorded):
+# the first accepted of these. int8 (accepted only within the accuracy gate) was the fastest everywhere
+# in bench/inference.py on 2 cores: 2.0-4.0x eager fp32 from batch 1 to 32, against 1.4-2.0x for bf16
+# and 0.9-2.1x for ONNX fp32; then the exact fp32 variants. Images (EfficientNet-Lite0 at 224, static
+# int8, 1 thread): int8 1.3-2.0x ONNX fp32, which is 2.1-5.4x eager.
+DEFAULT_ORDER = ("distilled-int8", "distilled", "int8", "onnx", "torchscript", "pytorch")
+# Throughputs within this share of the fastest count as a tie, which goes to the earlier in DEFAULT_ORDER:
+# one pass over a validation split moved by up to ~10% between runs on a busy 2-core machine.
+SPEED_TIE = 0.10
 # Rows per forward pass when predict() is given many texts: bounds memory, keeps CPU caches warm.
 CHUNK_SIZE = 32
 
@@ -67,14 +77,15 @@ class TextPredictor:
         self._tokenizer_lock = threading.Lock()
 
     def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        """Token ids as training made them (data.tokenize), padded to the longest text."""
+        max_length = max_length or self.meta.max_length
         with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                list(texts),
-                padding="longest",
-                truncation=True,
-                max_length=max_length or self.meta.max_length,
-                return_tensors="np",
-            )
+            if self.meta.truncation == "head":  # one call of the fast tokenizer
+                encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                                         return_tensors="np")
+            else:
+                features = tokenize(self.tokenizer, list(texts), max_length, self.meta.truncation)
+                encoded = self.tokenizer.pad(features, padding="longest", return_tensors="np")
         return {name: encoded[name].astype(np.int64) for name in self.input_names}
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -233,6 +244,41 @@ def _to(tensor: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
+def measuring_machine() -> dict:
+    """What speed figures were measured on: recorded at export, compared when a default is chosen."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def default_variant(info: registry.VersionInfo) -> str:
+    """The accepted variant with the highest throughput measured at export; the one served when none is asked for.
+
+    Throughput is the whole validation split in batches of 32, preprocessing included, measured by
+    the export on the machine that ran it: in the service the export runs in the training job on the
+    serving machine. bf16 is left out where this machine has no native bf16. A version exported on
+    another machine (the manifest records which) logs that its figures may not hold here. Speeds
+    within SPEED_TIE of the fastest are a tie, broken by DEFAULT_ORDER; a manifest without figures
+    uses DEFAULT_ORDER alone.
+    """
+    variants = info.manifest.variants
+    usable = [v for v in VARIANTS if v in variants and variants[v].accepted and (v != "bf16" or bf16_supported())]
+    measured = [v for v in usable if variants[v].figures.get("throughput_per_s")]
+    if not measured:
+        return next(v for v in DEFAULT_ORDER if v in usable)
+    where = info.manifest.proof.get("machine")
+    if where is not None and where != measuring_machine():
+        log.warning("%s: the default variant is chosen by speed measured on another machine (%s); it may not be "
+                    "the fastest here (%s): ask for a variant to choose", info.ref, where, measuring_machine())
+    best = max(variants[v].figures["throughput_per_s"] for v in measured)
+    tied = [v for v in measured if variants[v].figures["throughput_per_s"] >= (1 - SPEED_TIE) * best]
+    return min(tied, key=lambda v: DEFAULT_ORDER.index(v) if v in DEFAULT_ORDER else len(DEFAULT_ORDER))
+
+
 def load_predictor(
     info: registry.VersionInfo,
     variant: str | None = None,
@@ -240,11 +286,11 @@ def load_predictor(
     inter_op_threads: int = 0,
     allow_spinning: bool = True,
 ) -> Predictor:
-    """A predictor for a registered version; variant None picks the first of DEFAULT_ORDER registered."""
+    """A predictor for a registered version; variant None: the fastest accepted one (`default_variant`)."""
     variants = info.manifest.variants
     usable = [v for v in VARIANTS if v in variants and variants[v].accepted]
     if variant is None:
-        variant = next(v for v in DEFAULT_ORDER if v in usable)
+        variant = default_variant(info)
     elif variant not in VARIANTS:
         raise ConfigError(f"variant '{variant}' is unknown; choose one of {', '.join(VARIANTS)}")
     elif variant not in variants:
@@ -255,9 +301,11 @@ def load_predictor(
             f"use one of {', '.join(usable)}"
         )
     if variant == "bf16" and not bf16_supported():
-        fallback = next(v for v in DEFAULT_ORDER if v in usable)
+        fallback = default_variant(info)
         log.warning("%s: bf16 asked for but this machine has no native bf16 (CUDA or AVX512-BF16/AMX CPU); using %s", info.ref, fallback)
         variant = fallback
+    if variant in DISTILLED_VARIANTS:
+        return _student_predictor(info, variant, intra_op_threads, inter_op_threads, allow_spinning)
 
     model_dir = registry.model_dir(info)
     meta = read_meta(model_dir)
@@ -278,6 +326,21 @@ def load_predictor(
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         backend = eager_backend(model, torch.bfloat16 if variant == "bf16" else torch.float32)
     return TextPredictor(tokenizer, meta, backend, variant)
+
+
+def _student_predictor(info: registry.VersionInfo, variant: str, intra_op_threads: int, inter_op_threads: int,
+                       allow_spinning: bool) -> Predictor:
+    """The distilled student: its own metadata (an image student's input size may differ) and ONNX Runtime."""
+    folder, onnx_file = registry.student_files(info)
+    if variant == "distilled-int8":
+        onnx_file = registry.variant_file(info, variant)
+    backend = onnx_backend(onnx_file, intra_op_threads, inter_op_threads, allow_spinning)
+    meta = read_meta(folder)
+    if meta.is_image:
+        return ImagePredictor(meta, backend, variant)
+    from transformers import AutoTokenizer
+
+    return TextPredictor(AutoTokenizer.from_pretrained(folder), meta, backend, variant)
 
 
 def _image_backend(info, variant: str, model_dir: Path, intra_op_threads: int, inter_op_threads: int,

@@ -158,6 +158,16 @@ def model_dir(info: VersionInfo) -> Path:
     return variant_file(info, "pytorch")
 
 
+# A distilled student's folder (the `distilled` variant) is a model folder with its ONNX export beside the weights.
+STUDENT_ONNX = "model.onnx"
+
+
+def student_files(info: VersionInfo) -> tuple[Path, Path]:
+    """The verified folder of a version's distilled student and the ONNX file in it that serves `distilled`."""
+    folder = variant_file(info, "distilled")
+    return folder, folder / STUDENT_ONNX
+
+
 def promote(name: str, version: str) -> VersionInfo:
     """Point `production` at a version, remembering the previous one for `rollback`."""
     info = resolve(name, version)
@@ -313,9 +323,13 @@ def _aliases_of(name: str, version: str) -> list[str]:
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    # A unique scratch name: API replicas in other pods share the folder and may well have the same pid.
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        tmp.write(json.dumps(value))
+        tmp.flush()
+        os.fsync(tmp.fileno())  # the rename must never publish an empty file after a crash
+    os.chmod(tmp.name, 0o644)  # as a plain write would leave it (the scratch file starts private)
+    os.replace(tmp.name, path)
 
 
 def _now() -> str:

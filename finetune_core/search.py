@@ -31,8 +31,8 @@ from pathlib import Path
 
 from .config import LOWER_IS_BETTER, JobConfig
 from .errors import ConfigError, DataError, FinetuneError
-from .evaluate import pyplot
 from .isolated import RunCrashed, run_isolated
+from .plots import plot_importances, plot_search_history
 from .search_space import Choice, Range, SearchSpec, apply_params
 
 EventFn = Callable[[dict], None]
@@ -101,9 +101,10 @@ def run_search(cfg: JobConfig, spec: SearchSpec, output: str | Path, *, storage:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url = storage or f"sqlite:///{(output / STUDY_DB).resolve()}"
     study, storage = _open_study(url, study_name, cfg, spec)
-    _retry_interrupted(study, storage)
     target = min(spec.trials, spec.grid_size) if spec.sampler == "grid" else spec.trials
     log = _SearchLog(output, on_event, spec.metric, target)
+    for number in _retry_interrupted(study, storage):
+        log.trial_end(study, study.trials[number])
 
     def after_trial(study, trial) -> None:
         log.trial_end(study, trial)
@@ -246,16 +247,21 @@ def _open_study(url: str, name: str, cfg: JobConfig, spec: SearchSpec) -> tuple:
     return study, storage
 
 
-def _retry_interrupted(study, storage) -> None:
-    """A trial still running belongs to a search that was killed: fail it and run its parameters again."""
+def _retry_interrupted(study, storage) -> list[int]:
+    """A trial still running belongs to a search that was killed: fail it and run its parameters again.
+
+    Returns the numbers of the trials it failed.
+    """
     from optuna.trial import TrialState
 
     study_id = storage.get_study_id_from_name(study.study_name)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in interrupted:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         storage.set_trial_user_attr(trial_id, "error", "interrupted: the search process died; run again as a new trial")
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         _retry_later(study, trial.number, trial.params)
+    return [trial.number for trial in interrupted]
 
 
 def _retry_later(study, number: int, params: dict) -> None:
@@ -280,12 +286,17 @@ def _record(trial) -> TrialRecord:
 
 
 def _summary(study, spec: SearchSpec, url: str, status: str, target: int) -> SearchSummary:
+    """What search.json holds; parameter importances only once the search has ended (status not running)."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = _record(study.best_trial) if complete else None
     importances, note = None, None
-    if len(complete) < 2:
+    if status == "running":
+        # optuna.importance imports scikit-learn (+190 MB measured), which the search process would then
+        # hold while every later trial trains beside it; the figures are worth reading at the end anyway.
+        note = "computed when the search ends"
+    elif len(complete) < 2:
         note = f"fewer than 2 complete trials ({len(complete)}): no parameter importances"
     else:
         import optuna
@@ -309,47 +320,12 @@ def _write_outputs(summary: SearchSummary, output: Path, copy_best: bool = False
         shutil.copytree(output / summary.best.run_dir, best)
     plots = output / "plots"
     plots.mkdir(exist_ok=True)
-    _plot_history(summary, plots / "optimization_history.png")
+    plot_search_history(summary.trials, summary.direction, summary.metric, plots / "optimization_history.png")
     if summary.importances:
-        _plot_importances(summary.importances, plots / "param_importances.png")
+        plot_importances(summary.importances, plots / "param_importances.png")
     else:
         (plots / "param_importances.png").unlink(missing_ok=True)
     (output / "search.json").write_text(json.dumps(summary.to_dict(), indent=2))
-
-
-def _plot_history(summary: SearchSummary, path: Path) -> None:
-    """Each trial's metric by trial number (pruned ones at their last evaluation) and the best so far."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for state, style in (("complete", {"color": "tab:blue", "marker": "o"}), ("pruned", {"color": "tab:grey", "marker": "x"})):
-        shown = [t for t in summary.trials if t.state == state and t.value is not None]
-        ax.scatter([t.number for t in shown], [t.value for t in shown], label=state, **style)
-    pick = min if summary.direction == "minimize" else max
-    best, steps = None, []
-    for trial in summary.trials:
-        if trial.state == "complete":
-            best = trial.value if best is None else pick(best, trial.value)
-            steps.append((trial.number, best))
-    if steps:
-        ax.step([n for n, _ in steps], [v for _, v in steps], where="post", color="tab:red", label="best so far")
-    ax.set(xlabel="trial", ylabel=summary.metric, title=f"Optimization history ({summary.direction})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_importances(importances: dict[str, float], path: Path) -> None:
-    plt = pyplot()
-    names = list(importances)[::-1]  # most important on top
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * len(names)))
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set(xlabel="importance (share of the metric's variation)", title="Parameter importances")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _safe_url(url: str) -> str:

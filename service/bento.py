@@ -1,20 +1,29 @@
-"""The BentoML services: `bentoml serve service.bento:FinetuneServe` from the repository root.
+"""The BentoML services, from the repository root (or a Bento's src/):
 
-FinetuneServe (CPU) serves the REST API (service.app, a FastAPI app mounted at /). Trainer asks
-for a GPU and runs one training job at a time in a child process (service.runner); without a GPU
-BentoML warns and it trains on the CPU, niced and with half the cores. The two share the job store
-in FINETUNE_SERVE_HOME; the API only wakes the trainer when it queues a job, so a trainer that is
-restarting loses nothing: it finds queued jobs on its next poll.
+    bentoml serve service.bento:FinetuneServe   API + trainer in one server (`make run`)
+    bentoml serve service.bento:Api              the API alone (Kubernetes: many replicas, CPU)
+    bentoml serve service.bento:Trainer          a trainer alone (Kubernetes: one per GPU pod)
+
+The API (service.app, a FastAPI app mounted at /) serves /predict and queues jobs; a trainer asks
+for a GPU and runs one job at a time in a child process (service.runner); without a GPU BentoML
+warns and it trains on the CPU, niced and with half the cores. They share only the job store
+(service.jobs: SQLite in FINETUNE_SERVE_HOME, or PostgreSQL) and the folder FINETUNE_SERVE_HOME
+(registry, datasets, runs). A trainer finds queued jobs by polling the store; waking it when a job
+is queued only saves the wait: FinetuneServe calls its own trainer, Api calls the trainer at
+FINETUNE_SERVE_TRAINER_URL if one is set. So an API keeps serving and queuing with no trainer up,
+and a restarting trainer loses nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 
 import bentoml
+import httpx
 
 from .app import app
 from .batching import Batcher
@@ -30,6 +39,8 @@ log = logging.getLogger("service.bento")
 
 # How often a worker checks that the server that started it is still there.
 ORPHAN_CHECK_SECONDS = 2.0
+# How long the API waits for a trainer's /wake; the job is stored either way.
+WAKE_TIMEOUT_SECONDS = 2.0
 
 
 def exit_when_orphaned(what: str) -> None:
@@ -38,6 +49,8 @@ def exit_when_orphaned(what: str) -> None:
     An orphaned trainer would keep claiming jobs next to the restarted server's trainer (and an
     orphaned API worker would keep its socket), so a worker exits once its parent is gone; the
     trainer's training child dies with it (PR_SET_PDEATHSIG) and its job resumes at the next start.
+    In a container the parent is `bentoml serve`, in the same container: the watch fires only when
+    that server is gone, and the pod is then restarted anyway.
     """
     parent = os.getppid()
 
@@ -50,13 +63,20 @@ def exit_when_orphaned(what: str) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-@bentoml.service(name="finetune-trainer", resources={"gpu": 1}, workers=1, traffic={"timeout": 30})
+def trainer_name() -> str:
+    """This trainer's name in the job store: the setting, else the host name (in Kubernetes the pod's name)."""
+    return settings().trainer_name or socket.gethostname()
+
+
+@bentoml.service(name="finetune-trainer", resources={"gpu": settings().trainer_devices}, workers=1,
+                 traffic={"timeout": 30})
 class Trainer:
     def __init__(self) -> None:
         exit_when_orphaned("trainer")
         self.store = open_store()
         self.metrics = make_metrics()
-        self.runner = Runner(self.store, on_tick=self._tick, on_finished=self._finished)
+        self.runner = Runner(self.store, worker=trainer_name(), lease_seconds=settings().job_lease_seconds,
+                             on_tick=self._tick, on_finished=self._finished)
         self.runner.start()
 
     @bentoml.api
@@ -67,8 +87,9 @@ class Trainer:
 
     @bentoml.api
     def status(self) -> dict:
-        return {"running": self.runner.current.id if self.runner.current else None,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "alive": self.runner.alive()}
+        return {"running": self.runner.current.id if self.runner.current else None, "worker": self.runner.worker,
+                "devices": settings().trainer_devices, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "alive": self.runner.alive()}
 
     def __is_ready__(self) -> bool:
         return self.runner.alive()
@@ -88,21 +109,28 @@ class Trainer:
         self.metrics.training_samples_per_second.set(live.get("samples_per_second") or 0.0)
 
 
+def serve_api(wake_trainer) -> None:
+    """What every API worker holds, whichever service runs it: the store, predictors, metrics, batcher."""
+    exit_when_orphaned("api")
+    metrics = make_metrics()
+    app.state.context = Context(
+        store=open_store(),
+        predictors=Predictors(on_load=metrics.model_load.observe),
+        metrics=metrics,
+        batcher=Batcher(settings().max_batch, settings().max_wait_ms / 1000, on_batch=metrics.inference_batch.observe),
+        wake_trainer=wake_trainer,
+    )
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="finetune-serve", workers=settings().api_workers, traffic={"timeout": 300})
 class FinetuneServe:
+    """The API with its own trainer: one server on one machine (`make run`)."""
+
     trainer = bentoml.depends(Trainer)
 
     def __init__(self) -> None:
-        exit_when_orphaned("api")
-        metrics = make_metrics()
-        app.state.context = Context(
-            store=open_store(),
-            predictors=Predictors(on_load=metrics.model_load.observe),
-            metrics=metrics,
-            batcher=Batcher(settings().max_batch, settings().max_wait_ms / 1000, on_batch=metrics.inference_batch.observe),
-            wake_trainer=self._wake_trainer,
-        )
+        serve_api(self._wake_trainer)
 
     async def _wake_trainer(self) -> None:
         try:
@@ -111,5 +139,25 @@ class FinetuneServe:
             log.warning("could not wake the trainer (%s); it will pick the job up on its next poll", err)
 
 
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(name="finetune-api", workers=settings().api_workers, traffic={"timeout": 300})
+class Api:
+    """The API alone, for as many replicas as the traffic needs; trainers run elsewhere and poll the store."""
+
+    def __init__(self) -> None:
+        serve_api(self._wake_trainer)
+
+    async def _wake_trainer(self) -> None:
+        url = settings().trainer_url
+        if url is None:
+            return
+        try:
+            async with httpx.AsyncClient(timeout=WAKE_TIMEOUT_SECONDS) as client:
+                (await client.post(f"{url}/wake", json={})).raise_for_status()
+        except httpx.HTTPError as err:  # the job is stored; a trainer's poll finds it
+            log.warning("could not wake a trainer at %s (%s); one will pick the job up on its next poll", url, err)
+
+
 # The key check and body limits wrap the whole server, BentoML's own routes included.
 FinetuneServe.add_asgi_middleware(Guard)
+Api.add_asgi_middleware(Guard)

@@ -1,9 +1,14 @@
 """The trainer's loop: one job at a time, each in a child process it supervises.
 
-At start it recovers jobs a previous server left running (they resume from their last checkpoint).
-Then it claims queued jobs one by one and runs `python -m service.train_job` for each. When the
-child exits without recording an outcome (a crash, an out-of-memory kill) the job fails with the
-reason; a job whose cancel was asked for but does not stop within the grace period is killed.
+Several trainers (pods) may share one job store; each has a name (`worker`). At start a trainer
+re-queues the jobs it held itself before a restart; on every poll it re-queues jobs whose lease ran
+out (their trainer died), so they resume from their last checkpoint wherever they are claimed next.
+It claims queued jobs one by one and runs `python -m service.train_job` for each, renewing the
+job's lease every third of it. When the child exits without recording an outcome (a crash, an
+out-of-memory kill) the job fails with the reason; a job whose cancel was asked for (through any
+API replica) but does not stop within the grace period is killed; a job whose lease this trainer
+lost (it could not reach the database for a whole lease) is stopped here, since another trainer
+has it now.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune_core.isolated import exit_reason
-from service.jobs import CANCELLED, FAILED, MAX_ATTEMPTS, RUNNING, TERMINAL, Job, JobStore
+from service.job_record import CANCELLED, FAILED, LEASE_SECONDS, MAX_ATTEMPTS, RUNNING, TERMINAL, Job, JobStore
 
 log = logging.getLogger("service.runner")
 
@@ -30,10 +35,12 @@ TERMINATE_GRACE_SECONDS = 5.0
 
 
 class Runner:
-    def __init__(self, store: JobStore, *, poll_seconds: float = 1.0, cancel_grace_seconds: float = CANCEL_GRACE_SECONDS,
-                 max_attempts: int = MAX_ATTEMPTS, on_tick: Callable[[], None] = lambda: None,
-                 on_finished: Callable[[Job], None] = lambda job: None):
+    def __init__(self, store: JobStore, *, worker: str, lease_seconds: float = LEASE_SECONDS, poll_seconds: float = 1.0,
+                 cancel_grace_seconds: float = CANCEL_GRACE_SECONDS, max_attempts: int = MAX_ATTEMPTS,
+                 on_tick: Callable[[], None] = lambda: None, on_finished: Callable[[Job], None] = lambda job: None):
         self.store = store
+        self.worker = worker
+        self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.cancel_grace_seconds = cancel_grace_seconds
         self.max_attempts = max_attempts
@@ -46,10 +53,11 @@ class Runner:
         self._thread: threading.Thread | None = None
 
     def start(self) -> list[str]:
-        """Recover interrupted jobs, then run queued jobs in a background thread; returns the recovered ids."""
-        recovered = self.store.recover(self.max_attempts)
+        """Re-queue the jobs this trainer held before a restart (and lapsed ones), then run queued jobs in a
+        background thread; returns the re-queued ids."""
+        recovered = self.store.recover(self.max_attempts, worker=self.worker)
         if recovered:
-            log.warning("re-queued %d job(s) left running by a previous server: %s", len(recovered), ", ".join(recovered))
+            log.warning("re-queued %d job(s) left running by a previous trainer: %s", len(recovered), ", ".join(recovered))
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
         self._thread.start()
         return recovered
@@ -66,7 +74,7 @@ class Runner:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs and end the running child; its job stays `running` and resumes at the next start."""
+        """Stop taking jobs and end the running child; its lease ends, so the next trainer to poll resumes it."""
         self._stopping.set()
         self._wake.set()
         child = self._child
@@ -79,7 +87,10 @@ class Runner:
         while not self._stopping.is_set():
             try:
                 self.on_tick()
-                job = self.store.claim_next()
+                lapsed = self.store.recover(self.max_attempts)
+                if lapsed:
+                    log.warning("re-queued %d job(s) whose trainer's lease ran out: %s", len(lapsed), ", ".join(lapsed))
+                job = self.store.claim_next(self.worker, self.lease_seconds)
                 if job is not None:
                     self._run(job)
                     continue
@@ -99,16 +110,34 @@ class Runner:
         )
         try:
             cancel_seen = None
+            heartbeat_due: float | None = time.monotonic() + self.lease_seconds / 3
             while child.poll() is None:
-                self.on_tick()
                 if self._stopping.wait(self.poll_seconds):
                     _end(child, TERMINATE_GRACE_SECONDS)
-                    return  # the job stays running and resumes at the next start
-                if cancel_seen is None and self.store.cancel_requested(job.id):
-                    cancel_seen = time.monotonic()
+                    self._release(job)
+                    return
+                try:
+                    self.on_tick()
+                    if heartbeat_due is not None and time.monotonic() >= heartbeat_due:
+                        heartbeat_due = time.monotonic() + self.lease_seconds / 3
+                        if not self.store.heartbeat(job.id, job.attempt, self.lease_seconds):
+                            if self._recorded_outcome(job):
+                                heartbeat_due = None  # the child wrote its outcome and is exiting: nothing to hold
+                            else:
+                                log.warning("%s (attempt %d) is no longer this trainer's (re-queued after its lease "
+                                            "ran out); stopping its training here", job.id, job.attempt)
+                                _end(child, TERMINATE_GRACE_SECONDS)
+                                return
+                    if cancel_seen is None and self.store.cancel_requested(job.id):
+                        cancel_seen = time.monotonic()
+                except Exception:  # the database away for a moment: training goes on; the lease bounds how long
+                    log.exception("%s: could not reach the job store; training goes on, retrying", job.id)
                 if cancel_seen is not None and time.monotonic() - cancel_seen > self.cancel_grace_seconds:
                     log.warning("%s did not stop within %.0fs of its cancel; killing it", job.id, self.cancel_grace_seconds)
                     _end(child, TERMINATE_GRACE_SECONDS)
+            if self._stopping.is_set():  # stop() ended the child: an interruption, not an outcome
+                self._release(job)
+                return
             self._settle(job, child.returncode)
             final = self.store.get(job.id)
             if final is not None and final.status in TERMINAL:
@@ -116,6 +145,17 @@ class Runner:
         finally:
             self._child = None
             self.current = None
+
+    def _recorded_outcome(self, job: Job) -> bool:
+        now = self.store.get(job.id)
+        return now is not None and now.attempt == job.attempt and now.status in TERMINAL
+
+    def _release(self, job: Job) -> None:
+        """Stopping with a job unfinished: end its lease now, so any trainer resumes it at its next poll."""
+        try:
+            self.store.heartbeat(job.id, job.attempt, 0)
+        except Exception:  # the lease then runs out by itself
+            log.exception("%s: could not release its lease; another trainer takes it when the lease runs out", job.id)
 
     def _settle(self, job: Job, returncode: int) -> None:
         """A child that exited with the job still running did not finish it: record why."""

@@ -2,8 +2,10 @@
 
 Fields that choose code are Literal enums made from the core's own tuples, so the two cannot drift
 (tests/test_service_schemas.py checks it). `job_spec` turns a FinetuneRequest into the stored job
-spec (a validated JobConfig as a dict plus the model name and variants); a ConfigError is re-worded
-to name the request field (`hyperparameters.epochs`, not the core's `train.epochs`).
+spec (a validated JobConfig as a dict plus the model name and variants, and the DistillConfig when a
+distilled variant is asked for); a ConfigError is re-worded to name the request field
+(`hyperparameters.epochs`, not the core's `train.epochs`; `distillation.alpha`, not `distill.alpha`).
+`distill_spec` does the same for POST /models/{name}/versions/{version}/distill.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_core.artifacts import EXPORT_VARIANTS
-from finetune_core.config import (FREEZE_POLICIES, METRICS, OPTIMIZERS, PRECISIONS, REGRESSION_LOSSES, SCHEDULES, TASKS,
-                                  config_from_dict)
+from finetune_core.config import (DISTILL_GATE_POINTS, FREEZE_POLICIES, METRICS, OPTIMIZERS, PRECISIONS,
+                                  REGRESSION_LOSSES, SCHEDULES, TASKS, TRUNCATIONS, config_from_dict,
+                                  distill_config_from_dict)
 from finetune_core.errors import ConfigError
-from finetune_core.predict import VARIANTS
+from finetune_core.predict import DISTILLED_VARIANTS, VARIANTS
 from finetune_core.registry import validate_name
 from finetune_core.search_space import PRUNERS, SAMPLERS, search_spec_from_dict
 
@@ -43,6 +46,8 @@ class Hyperparameters(Strict):
     batch_size: int | None = None
     learning_rate: float | Literal["auto"] | None = Field(None, description="default: the task's (images: auto)")
     max_length: int | Literal["auto"] | None = Field(None, description="text: default auto, from the token lengths")
+    truncation: Literal[TRUNCATIONS] | Literal["auto"] | None = Field(
+        None, description="text longer than max_length: keep its head, or its head and tail; default auto: head+tail when 10% of the training rows are longer")
     freeze: str | None = Field(None, description=" | ".join(FREEZE_POLICIES) + " | auto (images: from their size)")
     early_stopping_patience: int | None = None
     early_stopping_metric: Literal[METRICS] | None = None
@@ -83,6 +88,37 @@ class SearchRequest(Strict):
     metric: str | None = Field(None, description="validation.<metric> to optimise; default the early-stopping metric")
 
 
+class DistillRequest(Strict):
+    """How the student is distilled; what is left out gets the core's defaults (finetune_core/config.py DistillConfig)."""
+
+    alpha: float | None = Field(None, description="weight of the distillation term (KL to the teacher, or MSE for "
+                                                  "regression); the labels' loss gets 1 - alpha")
+    temperature: float | None = Field(None, description="softens teacher and student distributions in the KL term")
+    student_layers: list[int] | None = Field(None, description="text: the teacher's encoder layers the student keeps, "
+                                                               "e.g. [1, 3, 5]; default every other one, the last kept")
+    student: str | None = Field(None, description="text: a local model folder using the teacher's tokenizer, instead "
+                                                  "of dropping layers")
+    image_size: int | None = Field(None, description="images: the student's input in pixels; 0: the teacher's")
+    block_depths: list[int] | None = Field(None, description="images: blocks the student keeps per stage; default all")
+    distill_data: str | None = Field(None, description="a dataset id from POST /datasets: extra unlabelled rows "
+                                                       "(texts, or images) labelled by the teacher")
+    max_rows: int | None = Field(None, description="rows distilled on, a seeded sample; 0: all")
+    epochs: int | None = None
+    learning_rate: float | None = Field(None, description="default: the teacher's")
+    distill_gate: float | None = Field(None, description=f"accuracy points the student may lose against the teacher "
+                                                         f"before it is refused; default {DISTILL_GATE_POINTS:g}")
+    seed: int | None = None
+
+
+class DistillVersionRequest(Strict):
+    """POST /models/{name}/versions/{version}/distill: a new version with the distilled variants."""
+
+    distillation: DistillRequest = Field(default_factory=DistillRequest)
+    train: str | None = Field(None, description="a dataset id: the labelled rows to distil on, when the version's "
+                                                "training run (and its splits) is gone; with validation")
+    validation: str | None = Field(None, description="a dataset id: the rows for early stopping and the gate")
+
+
 class FinetuneRequest(Strict):
     task: Literal[TASKS] = "text-classification"
     base_model: str = Field("default", description='"default" (bundled MiniLM for text, EfficientNet-Lite0 for images), '
@@ -94,7 +130,10 @@ class FinetuneRequest(Strict):
     image_column: str | None = Field(None, description="image lists: default the one the upload was checked with")
     label_column: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    variants: list[Literal[EXPORT_VARIANTS]] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    variants: list[Literal[EXPORT_VARIANTS]] = Field(
+        default_factory=lambda: list(DEFAULT_VARIANTS),
+        description="variants to build and prove; 'distilled' / 'distilled-int8' train a student after the teacher")
+    distillation: DistillRequest | None = Field(None, description="settings of the student, with a distilled variant")
     model_name: str
     search: SearchRequest | None = Field(None, description="tune the hyperparameters first; the best trial's model is "
                                                            "evaluated, exported and registered")
@@ -141,10 +180,12 @@ def request_field(core_field: str) -> str:
     return f"hyperparameters.{name}"
 
 
-def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defaults: dict | None = None) -> dict:
+def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defaults: dict | None = None,
+             distill_data: str | None = None) -> dict:
     """Validate a fine-tune request through the core's config and return the job spec to store.
 
     data_defaults: data fields the datasets supply (an image list's columns, image_root) unless the request sets them.
+    distill_data: the path of the dataset `distillation.distill_data` names.
     """
     try:
         validate_name(request.model_name)
@@ -155,7 +196,7 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
     for name in ("text_column", "image_column", "label_column"):
         if getattr(request, name) is not None:
             data[name] = getattr(request, name)
-    for name in ("max_length", "split_seed", "min_rows_per_class", "image_size", "augment", "horizontal_flip"):
+    for name in ("max_length", "truncation", "split_seed", "min_rows_per_class", "image_size", "augment", "horizontal_flip"):
         if name in hp:
             data[name] = hp.pop(name)
     model = {"base_model": request.base_model}
@@ -171,7 +212,51 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
         core = f"{match.group(1)}.{match.group(2)}" if match.group(1) else f"model.{match.group(3)}"
         field = request_field(core)
         raise FieldError(field, f"{field}: {message[match.end():]}") from None
-    spec = {"config": cfg.to_dict(), "model_name": request.model_name, "variants": list(dict.fromkeys(request.variants))}
+    spec = {"config": cfg.to_dict(), "model_name": request.model_name, "variants": _variants(request.variants)}
+    if any(v in DISTILLED_VARIANTS for v in spec["variants"]):
+        spec["distill"] = _distill_config(request.distillation, distill_data)
+    elif request.distillation is not None:
+        raise FieldError("distillation", "distillation: given, but variants ask for no distilled variant; add "
+                                         "'distilled' (and 'distilled-int8') to variants, or leave distillation out")
     if request.search is not None:  # its errors already name the request field (search.space.learning_rate.low: ...)
         spec["search"] = search_spec_from_dict(request.search.model_dump(exclude_none=True), cfg).to_dict()
+    return spec
+
+
+def _variants(asked: list[str]) -> list[str]:
+    """Each once, in order; distilled-int8 brings distilled (it is served with the student's folder)."""
+    variants = list(dict.fromkeys(asked))
+    if "distilled-int8" in variants and "distilled" not in variants:
+        variants.insert(variants.index("distilled-int8"), "distilled")
+    return variants
+
+
+def _distill_config(request: DistillRequest | None, distill_data: str | None) -> dict:
+    """The core's DistillConfig as a dict, its errors naming the request field (distillation.alpha)."""
+    raw = (request or DistillRequest()).model_dump(exclude_none=True)
+    if distill_data is not None:
+        raw["distill_data"] = distill_data
+    try:
+        return distill_config_from_dict(raw).to_dict()
+    except ConfigError as err:
+        message = str(err)
+        if message.startswith("distill."):
+            field = "distillation." + message.split(":", 1)[0].removeprefix("distill.")
+            raise FieldError(field, "distillation." + message.removeprefix("distill.")) from None
+        raise FieldError("distillation", message) from None
+
+
+def distill_spec(name: str, version: str, request: DistillVersionRequest, paths: dict[str, str],
+                 distill_data: str | None = None) -> dict:
+    """The job spec of POST /models/{name}/versions/{version}/distill: distil that version into a new one.
+
+    paths: the `train` and `validation` datasets' paths, when given (both or neither).
+    """
+    if ("train" in paths) != ("validation" in paths):
+        raise FieldError("validation" if "train" in paths else "train",
+                         "train and validation: give both datasets, or neither to use the version's own splits")
+    spec = {"model_name": name, "distill_from": {"name": name, "version": version},
+            "distill": _distill_config(request.distillation, distill_data), "variants": list(DISTILLED_VARIANTS)}
+    if paths:
+        spec["data"] = dict(paths)
     return spec

@@ -12,19 +12,21 @@ from __future__ import annotations
 import functools
 
 from annotated_types import Ge, Gt, Le
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune_core.errors import ConfigError
 
 PREFIX = "FINETUNE_SERVE_"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
-    home: str = Field("./.finetune-serve", description="job store (`jobs.sqlite3`), uploaded datasets, run folders "
-                                                       "and the model registry (read by the core)")
+    home: str = Field("./.finetune-serve", description="job store (`jobs.sqlite3`, unless `FINETUNE_SERVE_DATABASE_URL`), "
+                                                       "uploaded datasets, run folders and the model registry (read by "
+                                                       "the core); one folder every API replica and trainer shares")
     cache: str = Field("~/.cache/finetune-serve", description="where the bundled MiniLM is unpacked (read by the core)")
     api_key: SecretStr | None = Field(None, description="the API key, see Authentication; unset: the API is open")
     max_upload_mb: float = Field(100, gt=0, le=1 << 20, description="upload size limit (413 above it)")
@@ -46,6 +48,38 @@ class Settings(BaseSettings):
     train_nice: int = Field(10, ge=0, le=19, description="niceness of the training child process, so training does "
                                                          "not starve `/predict`")
     image_workers: int = Field(0, ge=0, le=256, description="image decoding processes beside training (read by the core)")
+    # Several processes (Kubernetes: API replicas and trainer pods) share the job store and HOME.
+    database_url: SecretStr | None = Field(
+        None, description="the job store's PostgreSQL database, `postgresql://USER:PASSWORD@HOST:5432/DATABASE`, shared "
+                          "by API replicas and trainers; unset: SQLite in HOME", json_schema_extra={"allowed": "a URL "
+                          "starting postgresql:// (or postgres://, postgresql+psycopg://)"})
+    trainer_url: str | None = Field(
+        None, description="`service.bento:Api` only: a trainer to wake when a job is queued, e.g. "
+                          "`http://finetune-trainer:3000`; unset, or unreachable: trainers find the job on their next "
+                          "poll", json_schema_extra={"allowed": "a URL starting http:// or https://"})
+    trainer_name: str | None = Field(
+        None, min_length=1, max_length=200, description="this trainer's name in the job store; unset: the host name (in "
+                                                        "Kubernetes the pod's). A trainer restarted under its old name "
+                                                        "takes its interrupted job back at once")
+    job_lease_seconds: float = Field(30, ge=1, le=3600, description="how long a running job stays its trainer's "
+                                                                    "without a heartbeat (sent every third of it); then "
+                                                                    "another trainer resumes it from its checkpoint")
+    trainer_devices: int = Field(1, ge=1, le=64, description="GPUs each trainer asks for (BentoML `resources`); a job "
+                                                             "trains on one of them today")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(POSTGRES_SCHEMES):
+            raise ValueError("not a PostgreSQL URL")
+        return url
+
+    @field_validator("trainer_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("not an HTTP URL")
+        return url.rstrip("/") if url else url
 
     @property
     def max_upload_bytes(self) -> int:
@@ -54,6 +88,9 @@ class Settings(BaseSettings):
     @property
     def max_extracted_bytes(self) -> int:
         return int(self.max_extracted_mb * 2**20)
+
+
+SECRET_FIELDS = ("api_key", "database_url")
 
 
 class SettingsError(ConfigError):
@@ -69,7 +106,8 @@ def settings() -> Settings:
         problems = []
         for error in err.errors():
             name = str(error["loc"][0])
-            problems.append(f"{env_name(name)}={error.get('input')!r}: {error['msg']}; allowed: {allowed(name)}")
+            shown = "'***'" if name in SECRET_FIELDS else repr(error.get("input"))  # a URL's password stays out of logs
+            problems.append(f"{env_name(name)}={shown}: {error['msg']}; allowed: {allowed(name)}")
         raise SettingsError("; ".join(problems)) from None
 
 
@@ -80,6 +118,8 @@ def env_name(field: str) -> str:
 def allowed(field: str) -> str:
     """What a setting accepts, in words, from its type and bounds."""
     info = Settings.model_fields[field]
+    if info.json_schema_extra and "allowed" in info.json_schema_extra:
+        return info.json_schema_extra["allowed"]
     if info.annotation is bool:
         return "0 or 1 (or true, false)"
     kind = {int: "a whole number", float: "a number"}.get(info.annotation, "any text")

@@ -2,8 +2,11 @@
 
 A crash or an out-of-memory kill here ends this job, not the server; device memory is freed when
 the process exits. The process trains with `run_training` (resuming from the run folder's last
-checkpoint on a later attempt), exports, proves and registers the model, and writes progress,
-events and the outcome to the job store. It dies with the trainer that started it.
+checkpoint on a later attempt), distils a student after it when a distilled variant is asked for,
+exports, proves and registers the model, and writes progress, events and the outcome to the job
+store. A job with "distill_from" distils an existing version into a new one instead. Events and
+metrics say the phase ("teacher", "distill") when there is more than one. It dies with the trainer
+that started it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from finetune_core.config import DISTILL_GATE_POINTS
 from finetune_core.isolated import die_with_parent
 from service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobStore, open_store
 from service.settings import settings
@@ -25,6 +29,8 @@ log = logging.getLogger("service.train_job")
 
 # Share of the progress bar given to training; the rest is export and registration.
 TRAIN_SHARE = 0.95
+# With a distilled variant the teacher's training fills this share, the student's the rest of TRAIN_SHARE.
+TEACHER_SHARE = 0.6
 # How often (seconds) should_stop() reads the cancel flag from the store.
 CANCEL_POLL_SECONDS = 1.0
 
@@ -56,8 +62,16 @@ class Progress:
         self.live: dict = {}
         self.search: dict | None = None
         self.span = (0.0, TRAIN_SHARE)  # the share of the bar the current training run fills
+        self.bounds = self.span  # the current phase's share: a search's trials divide it
+        self.phase: str | None = None  # teacher | distill, in a job with more than one training run
+
+    def start_phase(self, phase: str, span: tuple[float, float]) -> None:
+        self.phase, self.span, self.bounds, self.live = phase, span, span, {}
+        self({"type": "phase", "phase": phase})
 
     def __call__(self, event: dict) -> None:
+        if self.phase is not None:
+            event = {**event, "phase": event.get("phase", self.phase)}
         kind = event["type"]
         fields: dict = {}
         if kind == "start":
@@ -82,13 +96,18 @@ class Progress:
             fields = {"epoch": event["epoch"]}
         elif kind == "trial_start":
             done, trials = event["trials_done"], max(1, event["trials"])
-            self.span = (TRAIN_SHARE * done / trials, TRAIN_SHARE * (done + 1) / trials)
+            low, high = self.bounds
+            self.span = (low + (high - low) * done / trials, low + (high - low) * (done + 1) / trials)
             self.search = {"trials_done": done, "trials": event["trials"], "best": (self.search or {}).get("best")}
             self.live = {}
             fields = {"progress": self.span[0], "metrics": self._metrics()}
         elif kind == "trial_end":
             self.search = search_view(event["trials_done"], event["trials"], event["best"], event["metric"])
             fields = {"metrics": self._metrics()}
+        elif kind == "phase":
+            fields = {"progress": self.span[0], "metrics": self._metrics()}
+        elif kind == "exporting":
+            fields = {"progress": TRAIN_SHARE, "eta_seconds": None}
         if not self.store.update(self.job_id, self.attempt, event=event, **fields):
             self.stop = True  # no longer ours: cancelled while queued, or a newer attempt took over
 
@@ -97,7 +116,8 @@ class Progress:
         return low + (high - low) * step / self.total_steps
 
     def _metrics(self, **extra) -> dict:
-        return {"train": self.live, **extra, **({"search": self.search} if self.search else {})}
+        phase = {"phase": self.phase} if self.phase else {}
+        return {"train": self.live, **extra, **({"search": self.search} if self.search else {}), **phase}
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -118,19 +138,29 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
     run_dir = run_dir_of(job_id)
     progress = Progress(store, job_id, attempt)
     try:
+        if "distill_from" in job.spec:
+            return _distil_version(store, job, run_dir, progress)
+        distil = "distill" in job.spec
+        if distil:
+            progress.start_phase("teacher", (0.0, TEACHER_SHARE))
         produce = _search if "search" in job.spec else _train
         metrics, model_dir = produce(store, job, run_dir, progress)
         if metrics["train"]["status"] == "cancelled":
             store.finish(job_id, attempt, CANCELLED, metrics={k: v for k, v in metrics.items() if k in ("train", "search")})
             return CANCELLED
-        store.update(job_id, attempt, event={"type": "exporting", "variants": job.spec["variants"]}, progress=TRAIN_SHARE,
-                     eta_seconds=None)
-        info = export_version(model_dir, job.spec["model_name"], job.spec["variants"])
+        student, distilled = None, None
+        if distil:
+            progress.start_phase("distill", (TEACHER_SHARE, TRAIN_SHARE))
+            distilled = _distil(job, model_dir.parent, run_dir / "distill", progress)
+            if distilled["train"]["status"] == "cancelled":
+                store.finish(job_id, attempt, CANCELLED, metrics={"train": metrics["train"], "distillation": distilled["train"]})
+                return CANCELLED
+            student = run_dir / "distill" / "model"
+        progress({"type": "exporting", "variants": job.spec["variants"]})
+        info = export_version(model_dir, job.spec["model_name"], job.spec["variants"], student=student,
+                              distill_gate=job.spec["distill"]["distill_gate"] if distil else DISTILL_GATE_POINTS)
         summary = {role: m if role == "search" else _scalars(m) for role, m in metrics.items() if m}
-        summary["variants"] = {v: {"accepted": record.accepted, "reason": record.reason}
-                               for v, record in info.manifest.variants.items()}
-        store.finish(job_id, attempt, SUCCEEDED, metrics=summary, model={"name": info.name, "version": info.version})
-        return SUCCEEDED
+        return _succeed(store, job, summary, distilled, info)
     except FinetuneError as err:
         store.finish(job_id, attempt, FAILED, error=str(err))
         return FAILED
@@ -140,6 +170,44 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
         store.finish(job_id, attempt, FAILED,
                      error=f"internal error while training: {type(err).__name__}: {err} (trace in {run_dir / 'error.log'})")
         return FAILED
+
+
+def _succeed(store: JobStore, job: Job, summary: dict, distilled: dict | None, info) -> str:
+    """Finish with the figures: the teacher's (if trained here), the student's, every variant's verdict."""
+    if distilled is not None:
+        summary["distillation"] = {"validation": _scalars(distilled["validation"]),
+                                   "teacher_validation": _scalars(distilled["teacher"]["validation"]),
+                                   "train": _scalars(distilled["train"])}
+    summary["variants"] = {v: {"accepted": record.accepted, "reason": record.reason}
+                           for v, record in info.manifest.variants.items()}
+    store.finish(job.id, job.attempt, SUCCEEDED, metrics=summary, model={"name": info.name, "version": info.version})
+    return SUCCEEDED
+
+
+def _distil(job: Job, teacher_run: Path, output: Path, progress: Progress) -> dict:
+    """The student of the teacher trained in this job; a later attempt resumes it from its last checkpoint."""
+    from finetune_core.config import distill_config_from_dict
+    from finetune_core.distill import distill_run
+
+    return distill_run(teacher_run, output, distill_config_from_dict(job.spec["distill"]), resume=job.attempt > 1,
+                       on_event=progress, should_stop=progress.should_stop)
+
+
+def _distil_version(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> str:
+    """Distil a registered version (job.spec["distill_from"]) into a new version of the same model."""
+    from finetune_core.config import distill_config_from_dict
+    from finetune_core.distill import distill_version
+
+    source, data = job.spec["distill_from"], job.spec.get("data") or {}
+    progress.start_phase("distill", (0.0, TRAIN_SHARE))
+    info = distill_version(source["name"], source["version"], distill_config_from_dict(job.spec["distill"]),
+                           run_dir / "distill", train=data.get("train"), validation=data.get("validation"),
+                           resume=job.attempt > 1, on_event=progress, should_stop=progress.should_stop)
+    if info is None:
+        store.finish(job.id, job.attempt, CANCELLED, metrics={"train": {"status": "cancelled"}})
+        return CANCELLED
+    distilled = json.loads((run_dir / "distill" / "metrics.json").read_text())
+    return _succeed(store, job, {"teacher": {"name": source["name"], "version": source["version"]}}, distilled, info)
 
 
 def _train(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> tuple[dict, Path]:

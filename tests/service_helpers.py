@@ -109,6 +109,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def sigkill_server_alone(server: "Server", seconds: float = 20) -> list[int]:
+    """SIGKILL the server process alone, as a crash would; return the processes it left running that did not
+    exit by themselves within `seconds` (its workers, each in its own session, and their training children
+    must notice and exit, or they would compete with the next server)."""
+    left_behind = descendants(server.process.pid)
+    os.kill(server.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in left_behind) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in left_behind if alive(p)]
+
+
 def _wait_gone(pids: list[int], seconds: float) -> None:
     """Wait until none of pids is alive (zombies of ours are reaped by their own parents)."""
     deadline = time.monotonic() + seconds

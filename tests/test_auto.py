@@ -20,9 +20,9 @@ def test_epochs_reach_the_minimum_steps_on_small_sets_and_one_pass_on_large_ones
 
 
 def test_a_user_value_is_never_replaced():
-    cfg = config_from_dict({"data": {"train": "t", "max_length": 64}, "train": {"epochs": 2}})
-    resolved, chosen = auto.resolve_text(cfg, [10] * 100, 512)
-    assert (resolved.train.epochs, resolved.data.max_length) == (2, 64) and chosen == {}
+    cfg = config_from_dict({"data": {"train": "t", "max_length": 64, "truncation": "head"}, "train": {"epochs": 2}})
+    resolved, chosen = auto.resolve_text(cfg, [100] * 100, 512)
+    assert (resolved.train.epochs, resolved.data.max_length, resolved.data.truncation) == (2, 64, "head") and chosen == {}
     assert resolved.sources["train.epochs"] == "user"
 
 
@@ -56,3 +56,16 @@ def test_a_given_freeze_policy_sets_the_rate_that_suits_it():
     cfg = config_from_dict({"data": {"train": "t", "task": "image-classification"}, "model": {"freeze": "none"}})
     resolved, chosen = auto.resolve_images(cfg, 400, 500, 224)
     assert resolved.model.freeze == "none" and resolved.train.learning_rate == 1e-3 and "model.freeze" not in chosen
+
+
+def test_truncation_keeps_head_and_tail_once_a_tenth_of_the_rows_are_cut():
+    cfg = config_from_dict({"data": {"train": "t"}})
+    few_long = [20] * 95 + [900] * 5  # max_length auto covers 95%: 5% cut
+    resolved, chosen = auto.resolve_text(cfg, few_long, 512)
+    assert resolved.data.truncation == "head" and "5.0% of training rows are longer" in chosen["data.truncation"]["why"]
+    reviews = [150] * 50 + [400] * 50  # the 256 cap binds: half the rows are cut
+    resolved, chosen = auto.resolve_text(cfg, reviews, 512)
+    assert (resolved.data.max_length, resolved.data.truncation) == (256, "head+tail")
+    assert resolved.sources["data.truncation"] == "auto" and "50.0%" in chosen["data.truncation"]["why"]
+    given = config_from_dict({"data": {"train": "t", "max_length": 64}})  # a user's short cut counts too
+    assert auto.resolve_text(given, [100] * 10, 512)[0].data.truncation == "head+tail"

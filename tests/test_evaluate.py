@@ -1,6 +1,7 @@
 import pytest
 
-from finetune_core.evaluate import classification_metrics, plot_confusion, plot_curves, regression_metrics
+from finetune_core.evaluate import classification_metrics, regression_metrics
+from finetune_core.plots import plot_confusion, plot_curves
 
 
 def test_classification_metrics_by_hand():

@@ -65,3 +65,11 @@ def test_config_is_a_leaf_without_torch():
            "assert 'torch' not in sys.modules, 'torch was imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_search_process_holds_neither_torch_nor_scikit_learn():
+    """Trials train in child processes; the process running the study stays small (torch alone is ~500 MB)."""
+    code = "import finetune_core.search, finetune_core.isolated, finetune_core.plots, optuna, sys; " \
+           "assert not {'torch', 'sklearn'} & set(sys.modules), sorted({'torch', 'sklearn'} & set(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr

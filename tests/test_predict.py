@@ -26,6 +26,8 @@ TEXTS = [
     "terrible",
     "the film was awful and the acting poor, a really horrible movie",
 ]
+# The variants built from the trained model itself (tests/test_distill.py covers the distilled ones).
+TEACHER_VARIANTS = [v for v in predict.VARIANTS if v not in predict.DISTILLED_VARIANTS]
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,7 @@ def version(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def predictors(version):
-    return {variant: predict.load_predictor(version, variant) for variant in predict.VARIANTS}
+    return {variant: predict.load_predictor(version, variant) for variant in TEACHER_VARIANTS}
 
 
 def test_predictions_are_softmax_scores_over_the_labels(predictors):
@@ -55,7 +57,7 @@ def test_predictions_are_softmax_scores_over_the_labels(predictors):
     assert list(top1["scores"]) == [top1["label"]]
 
 
-@pytest.mark.parametrize("variant", predict.VARIANTS)
+@pytest.mark.parametrize("variant", TEACHER_VARIANTS)
 def test_variants_agree_with_pytorch(variant, predictors):
     reference = predictors["pytorch"].logits(TEXTS)
     logits = predictors[variant].logits(TEXTS)
@@ -65,7 +67,7 @@ def test_variants_agree_with_pytorch(variant, predictors):
     assert (logits.argmax(-1) == reference.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("variant", predict.VARIANTS)
+@pytest.mark.parametrize("variant", TEACHER_VARIANTS)
 def test_batched_output_equals_single_output(variant, predictors):
     predictor = predictors[variant]
     batched = predictor.predict(TEXTS)
@@ -78,14 +80,15 @@ def test_batched_output_equals_single_output(variant, predictors):
         assert b["score"] == pytest.approx(s["score"], abs=tolerance)
 
 
-def test_default_variant_is_int8_and_bf16_falls_back_where_unsupported(version, monkeypatch, caplog):
-    assert version.manifest.to_dict()["variants"]["int8"]["accepted"]
-    assert predict.load_predictor(version).variant == "int8"
+def test_default_variant_is_the_fastest_measured_and_bf16_falls_back_where_unsupported(version, monkeypatch, caplog):
     monkeypatch.setattr(predict, "bf16_supported", lambda: False)
+    speeds = {v: r.figures["throughput_per_s"] for v, r in version.manifest.variants.items() if r.accepted and v != "bf16"}
+    fastest = predict.load_predictor(version).variant
+    assert speeds[fastest] >= (1 - predict.SPEED_TIE) * max(speeds.values())  # the fastest, or tied with it
     with caplog.at_level(logging.WARNING, logger="finetune_core.predict"):
         predictor = predict.load_predictor(version, "bf16")
-    assert predictor.variant == "int8"
-    assert "no native bf16" in caplog.text and "using int8" in caplog.text
+    assert predictor.variant == fastest
+    assert "no native bf16" in caplog.text and f"using {fastest}" in caplog.text
 
 
 def test_refused_missing_and_unknown_variants(tiny_base, tmp_path):

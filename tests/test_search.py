@@ -91,9 +91,11 @@ def test_a_killed_search_resumes_its_study_and_the_median_pruner_stops_a_bad_tri
     for name in plots:
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     kinds = [e["type"] for e in events(out / "events.jsonl")]
-    assert kinds == ["trial_start", "trial_end"] * 2 + ["trial_start"] + ["trial_start", "trial_end", "search_end"]
+    # The resumed search first ends the interrupted trial 2 as failed, then runs its values again as trial 3.
+    assert kinds == ["trial_start", "trial_end"] * 2 + ["trial_start"] + ["trial_end", "trial_start", "trial_end", "search_end"]
     lines = [line for line in resumed.stderr.splitlines() if line.startswith("trial ")]
-    assert len(lines) == 1 and lines[0].startswith("trial 3 pruned: validation.accuracy=")
+    assert len(lines) == 2 and lines[0].startswith("trial 2 failed") and "error: interrupted" in lines[0]
+    assert lines[1].startswith("trial 3 pruned: validation.accuracy=")
 
     from finetune_core.cli import main
 

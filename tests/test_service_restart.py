@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import os
 import signal
 import time
 
 import httpx
 from conftest import toy_rows
-from service_helpers import Server, alive, descendants, finetune_body, upload, wait_for_job
+from service_helpers import Server, descendants, finetune_body, sigkill_server_alone, upload, wait_for_job
 
 from service.jobs import SqliteJobStore
 
@@ -35,15 +34,8 @@ def test_sigkill_during_a_job_then_restart_resumes_it_and_runs_the_queue(tmp_pat
                 step_before = client.get(f"/jobs/{long_id}").json()["step"] or 0
                 time.sleep(0.3)
             assert step_before >= 4 * CHECKPOINT_EVERY, "the job never got going"
-        # SIGKILL the server process alone: its workers (each in its own session) and the training
-        # child must notice and exit by themselves, or they would compete with the next server.
-        left_behind = descendants(first.process.pid)
-        assert len(left_behind) >= 3  # API worker, trainer worker, training child
-        os.kill(first.process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while any(alive(p) for p in left_behind) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in left_behind if alive(p)], "processes outlived the killed server"
+        assert len(descendants(first.process.pid)) >= 3  # API worker, trainer worker, training child
+        assert sigkill_server_alone(first) == [], "processes outlived the killed server"
     finally:
         first.kill(signal.SIGKILL)
 

@@ -1,4 +1,4 @@
-"""The trainer's runner without BentoML: real child processes, a crash, bad data, thread and priority limits."""
+"""The trainer's runner without BentoML: real child processes, a crash, bad data, thread and priority limits, leases."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import time
 
 import pytest
 from conftest import toy_rows, write_jsonl
+from service_helpers import alive
 
 from service.jobs import SqliteJobStore
 from service.runner import Runner, exit_reason
 from service.schemas import FinetuneRequest, job_spec
 from service.settings import Settings
 from service.train_job import run_dir_of, training_threads
+
+
+# Short, so a heartbeat (every third of it) comes within a second.
+LEASE = 3.0
 
 
 def _spec(tiny_base, train_path, **hyper) -> dict:
@@ -35,7 +40,8 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.fixture
 def runner(tmp_path):
-    running = Runner(SqliteJobStore(tmp_path / "home" / "jobs.sqlite3"), poll_seconds=0.2)
+    running = Runner(SqliteJobStore(tmp_path / "home" / "jobs.sqlite3"), worker="trainer-a", lease_seconds=LEASE,
+                     poll_seconds=0.2)
     running.start()
     yield running
     running.stop()
@@ -67,6 +73,39 @@ def test_bad_data_fails_with_the_core_message_and_the_next_job_still_runs(runner
     assert "does not exist" in first.error
     second = _wait(lambda: (j := runner.store.get(single.id)).status == "failed" and j, 90, "the second job")
     assert "one class only" in second.error
+
+
+@pytest.mark.process
+def test_a_job_whose_lease_went_to_another_trainer_is_stopped_here_and_left_to_it(runner, tiny_base, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
+    job = runner.store.create(_spec(tiny_base, train, epochs=300))
+    _wait(lambda: (runner.store.get(job.id).step or 0) > 0, 90, "training steps")
+    pid = runner.child_pid()
+    # What a long partition from the database looks like from outside: the lease lapses, another trainer
+    # re-queues the job and claims it. This trainer's next heartbeat fails, and it must stop its copy.
+    assert runner.store.heartbeat(job.id, 1, 0) and runner.store.recover() == [job.id]
+    taken = runner.store.claim_next("trainer-b", 600)
+    assert (taken.id, taken.attempt) == (job.id, 2)
+    _wait(lambda: runner.child_pid() is None and not alive(pid), 30, "the stale training process to end")
+    now = runner.store.get(job.id)
+    assert (now.status, now.attempt, now.worker, now.error) == ("running", 2, "trainer-b", None)  # not failed by us
+    assert runner.alive() and runner.current is None
+
+
+@pytest.mark.process
+def test_stopping_the_runner_hands_its_job_back_at_once(tiny_base, tmp_path):
+    store = SqliteJobStore(tmp_path / "home" / "jobs.sqlite3")
+    running = Runner(store, worker="trainer-a", lease_seconds=600, poll_seconds=0.2)
+    running.start()
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
+    job = store.create(_spec(tiny_base, train, epochs=300))
+    _wait(lambda: running.child_pid() is not None, 60, "the training process")
+    pid = running.child_pid()
+    running.stop()  # a pod's SIGTERM: a rolling update, a scale-down
+    assert not alive(pid)
+    held = store.get(job.id)
+    assert (held.status, held.attempt, held.error) == ("running", 1, None) and held.lease_expires_at <= time.time()
+    assert store.recover() == [job.id]  # any trainer's next poll takes it over, without waiting out 600 s
 
 
 def test_exit_reasons_are_for_people():

@@ -33,7 +33,9 @@ async def finetune(body: FinetuneRequest, request: Request) -> dict:
         _check_kind(role, stored, body.task)
     # A dataset root's own val/ and test/ folders come with train; a separate upload gives its matching split.
     paths = {role: str(stored.path if role == "train" else stored.held_out(role)) for role, stored in found.items()}
-    job = ctx.store.create(job_spec(body, paths, _image_list_defaults(list(found.values()))))
+    extra = body.distillation.distill_data if body.distillation else None
+    distill_data = str(datasets.lookup(extra, "distillation.distill_data").path) if extra is not None else None
+    job = ctx.store.create(job_spec(body, paths, _image_list_defaults(list(found.values())), distill_data))
     ctx.metrics.set_jobs(ctx.store.counts())
     await ctx.wake_trainer()
     return {"id": job.id, "status": job.status}
@@ -97,8 +99,8 @@ def job_artifact(job_id: str, name: Literal[ARTIFACT_NAMES], request: Request):
     path = run_dir / ARTIFACTS[name]
     if not path.is_file():
         raise HTTPError(404, f"job {job_id} has no {name} yet; it is written when training ends (data_report.json: "
-                             "once the data is loaded; a search's plots after each trial, param_importances.png "
-                             "once 2 trials have completed)", "name")
+                             "once the data is loaded; a search's history plot after each trial, param_importances.png "
+                             "when the search ends with 2 complete trials)", "name")
     return FileResponse(path)
 
 

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from finetune_core import registry
 from finetune_core.errors import FinetuneError
-from finetune_core.predict import DEFAULT_ORDER
+from finetune_core.predict import DISTILLED_VARIANTS, default_variant
 
 from .. import inference, v2_tensors
 from ..context import context
@@ -35,7 +35,8 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 SERVER = {"name": "finetune-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 # Triton's platform names, by the variant a version serves when none is asked for.
 PLATFORMS = {"int8": "onnxruntime_onnx", "onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
-             "pytorch": "pytorch", "bf16": "pytorch"}
+             "pytorch": "pytorch", "bf16": "pytorch", "distilled": "onnxruntime_onnx",
+             "distilled-int8": "onnxruntime_onnx"}
 V2 = inference.FrontEnd(variant_field="parameters.variant", send_texts=f"send them as {TEXT_INPUT!r} (BYTES)",
                         send_images=f"send {IMAGE_INPUT!r} (BYTES or UINT8) or {PIXELS_INPUT!r} (FP32)")
 
@@ -99,14 +100,16 @@ def _ref(version: str | None) -> str | None:
 
 def _metadata(info: registry.VersionInfo) -> dict:
     meta = info.manifest.model
-    accepted = [v for v in DEFAULT_ORDER if v in info.manifest.accepted()]
-    parameters = {"version": info.version, "task": meta.task, "labels": meta.labels,
-                  "default_variant": accepted[0] if accepted else "pytorch"}
+    default = default_variant(info)
+    parameters = {"version": info.version, "task": meta.task, "labels": meta.labels, "default_variant": default,
+                  "variants": info.manifest.accepted()}
     if meta.is_image:
         # One input is declared (clients send every declared input); the other two forms are listed here.
-        size = meta.image_size
+        # A distilled student may take a smaller input than the teacher: the default variant's is declared.
+        served = info.manifest.variants["distilled"].proof.get("input") if default in DISTILLED_VARIANTS else None
+        size, resize = (served["image_size"], served["resize_size"]) if served else (meta.image_size, meta.resize_size)
         inputs = [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
-        parameters.update(image_size=size, resize_size=meta.resize_size, mean=meta.mean, std=meta.std,
+        parameters.update(image_size=size, resize_size=resize, mean=meta.mean, std=meta.std,
                           also_accepted_inputs=[{"name": IMAGE_INPUT, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
                                                 {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]}])
     else:
@@ -115,7 +118,7 @@ def _metadata(info: registry.VersionInfo) -> dict:
     return {
         "name": info.name,
         "versions": next((m["versions"] for m in registry.list_models() if m["name"] == info.name), []),
-        "platform": PLATFORMS[accepted[0]] if accepted else "pytorch",
+        "platform": PLATFORMS[default],
         "inputs": inputs,
         "outputs": v2_tensors.outputs(meta),
         "parameters": parameters,
