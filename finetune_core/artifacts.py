@@ -48,6 +48,8 @@ FILES = {"onnx": registry.STUDENT_ONNX, "torchscript": "model.torchscript.pt", "
          "distilled-int8": "distilled.int8.onnx"}
 # Single-input calls timed for the latency figure; the throughput figure is the whole validation pass.
 LATENCY_SAMPLES = 20
+THROUGHPUT_PASSES = 5  # whole-split passes timed at most; the fastest counts
+THROUGHPUT_SECONDS = 2.0  # no further pass once this much time has gone into them
 
 
 @dataclass
@@ -312,9 +314,16 @@ def _measure(predictor: Predictor, examples: list, targets: np.ndarray) -> dict:
     # One untimed call first: a backend's first run allocates and plans (oneDNN primitives, ORT arenas), and
     # the default variant is chosen by these figures, so each is timed warm.
     predictor.logits(examples[:1])
-    start = time.perf_counter()
-    sorted_logits = predictor.logits([examples[i] for i in order])
-    elapsed = time.perf_counter() - start
+    # The fastest of a few passes over the split (at least one, until THROUGHPUT_SECONDS have passed or
+    # THROUGHPUT_PASSES were made): one pass over a small split lasts milliseconds, and a single reading
+    # of that made the served default (the fastest variant) flip between runs.
+    ordered, passes, spent = [examples[i] for i in order], [], 0.0
+    while not passes or (len(passes) < THROUGHPUT_PASSES and spent < THROUGHPUT_SECONDS):
+        start = time.perf_counter()
+        sorted_logits = predictor.logits(ordered)
+        passes.append(time.perf_counter() - start)
+        spent += passes[-1]
+    elapsed = min(passes)
     logits = np.empty_like(sorted_logits)
     logits[order] = sorted_logits
     timings = []

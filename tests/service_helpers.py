@@ -25,41 +25,60 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve service.bento:FinetuneServe` in its own process group; `kill()` ends the whole group."""
+    """`bentoml serve TARGET` on a free loopback port in its own process group; `kill()` ends the whole group.
 
-    def __init__(self, home: Path, log: Path, env: dict | None = None):
-        self.home, self.log_path = home, log
+    TARGET is service.bento:FinetuneServe (what `make run` serves), or :Api / :Trainer for the processes of
+    a cluster (tests/test_cluster.py), where a SIGKILLed group is a pod's death.
+    """
+
+    def __init__(self, home: Path | None, log: Path, env: dict | None = None,
+                 target: str = "service.bento:FinetuneServe", name: str = "bentoml serve"):
+        self.home, self.log_path, self.target, self.name = home, log, target, name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, FINETUNE_SERVE_HOME=str(home), BENTOML_DO_NOT_TRACK="true", **(env or {}))
+        home_env = {"FINETUNE_SERVE_HOME": str(home)} if home is not None else {}
+        self.env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", **home_env, **(env or {}))
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        self.log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(BENTOML), "serve", "service.bento:FinetuneServe", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + START_DEADLINE_SECONDS
+        """Launch it and wait until it is ready (killing it if it never is)."""
+        self.launch()
+        try:
+            return self.ready()
+        except RuntimeError:
+            self.kill()
+            raise
+
+    def launch(self) -> "Server":
+        """Start it without waiting; `ready()` waits."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BENTOML), "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    def ready(self, deadline_seconds: float = START_DEADLINE_SECONDS) -> "Server":
+        deadline = time.monotonic() + deadline_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        self.kill()
-        raise RuntimeError(f"the server was not ready within {START_DEADLINE_SECONDS}s:\n{self.tail()}")
+        raise RuntimeError(f"{self.name} was not ready within {deadline_seconds}s:\n{self.tail()}")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> list[int]:
         """Signal the server and every process under it (BentoML puts each worker in its own session).
 
         With SIGKILL this is a crash of the whole machine's share: server, workers, training child.
+        Returns their pids, all gone when it returns.
         """
         if self.process is None:
-            return
+            return []
         tree = [self.process.pid] + descendants(self.process.pid)
         for pid in tree:
             try:
@@ -73,7 +92,7 @@ class Server:
             self.process.wait(10)
         _wait_gone(tree, 20)
         self.process = None
-        self.log.close()
+        return tree
 
     def tail(self, chars: int = 4000) -> str:
         return self.log_path.read_bytes()[-chars:].decode(errors="replace")

@@ -16,6 +16,9 @@ from artifact_helpers import LABELS
 from service_helpers import serve_toy_model
 from tritonclient.utils import InferenceServerException
 
+from finetune_core import predict, registry
+from service.routes.v2 import PLATFORMS
+
 pytestmark = pytest.mark.process  # starts a real server
 
 KEY = "v2-test-key"
@@ -60,10 +63,14 @@ def test_server_live_ready_and_metadata(client):
     assert metadata["name"] == "finetune-serve" and "binary_tensor_data" in metadata["extensions"]
 
 
-def test_model_metadata_describes_inputs_and_outputs(client):
+def test_model_metadata_describes_inputs_and_outputs(client, server):
     metadata = client.get_model_metadata("toy", headers=auth())
     assert metadata["name"] == "toy" and metadata["versions"] == ["v1"]
-    assert metadata["platform"] == "onnxruntime_onnx"
+    # The platform of the variant served by default: the fastest the export measured (ONNX or PyTorch here).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(registry.ROOT_ENV, str(server.home))
+        served = predict.default_variant(registry.resolve("toy"))
+    assert metadata["platform"] == PLATFORMS[served]
     assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
