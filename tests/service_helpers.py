@@ -128,6 +128,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_until(what: str, seconds: float, check, poll: float = 0.5):
+    """check()'s first truthy value within `seconds`, polled every `poll` s; else an AssertionError naming `what`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
 def sigkill_server_alone(server: "Server", seconds: float = 20) -> list[int]:
     """SIGKILL the server process alone, as a crash would; return the processes it left running that did not
     exit by themselves within `seconds` (its workers, each in its own session, and their training children

@@ -10,14 +10,13 @@ queued through both APIs all succeed, each exactly once; a promotion through one
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pg_helpers
 import pytest
 from artifact_helpers import make_run
 from conftest import toy_rows
-from service_helpers import Server, finetune_body, upload
+from service_helpers import Server, finetune_body, upload, wait_until
 
 from finetune_core import registry
 from finetune_core.artifacts import export_version
@@ -42,29 +41,19 @@ def as_pod(target: str, name: str, logs, env: dict) -> Server:
     return Server(None, logs / f"{name}.log", env, target=target, name=name)
 
 
-def wait_until(what: str, seconds: float, check):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-
-
 def test_two_apis_and_two_trainers_share_postgres_and_one_folder(tmp_path, tiny_base, monkeypatch):
     url = pg_helpers.server().create_database()
-    home = tmp_path / "shared"
+    home = tmp_path / "volume"
     monkeypatch.setenv("FINETUNE_SERVE_HOME", str(home))
     export_version(make_run(tiny_base, tmp_path / "toy-run"), "toy", variants=["onnx"])  # served before any training
-    shared = {"FINETUNE_SERVE_HOME": str(home), "FINETUNE_SERVE_DATABASE_URL": url,
+    pod_env = {"FINETUNE_SERVE_HOME": str(home), "FINETUNE_SERVE_DATABASE_URL": url,
               "FINETUNE_SERVE_JOB_LEASE_SECONDS": str(LEASE_SECONDS)}
-    trainer_a = as_pod("service.bento:Trainer", "trainer-a", tmp_path, {**shared, "FINETUNE_SERVE_TRAINER_NAME": "trainer-a"})
-    trainer_b = as_pod("service.bento:Trainer", "trainer-b", tmp_path, {**shared, "FINETUNE_SERVE_TRAINER_NAME": "trainer-b"})
-    trainer_c = as_pod("service.bento:Trainer", "trainer-c", tmp_path, {**shared, "FINETUNE_SERVE_TRAINER_NAME": "trainer-c"})
+    trainer_a = as_pod("service.bento:Trainer", "trainer-a", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-a"})
+    trainer_b = as_pod("service.bento:Trainer", "trainer-b", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-b"})
+    trainer_c = as_pod("service.bento:Trainer", "trainer-c", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-c"})
     # api-1 wakes trainer-a (a Service URL in Kubernetes), api-2 wakes nobody: its jobs are found by polling.
-    apis = [as_pod("service.bento:Api", "api-1", tmp_path, {**shared, "FINETUNE_SERVE_TRAINER_URL": trainer_a.url}),
-            as_pod("service.bento:Api", "api-2", tmp_path, shared)]
+    apis = [as_pod("service.bento:Api", "api-1", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_URL": trainer_a.url}),
+            as_pod("service.bento:Api", "api-2", tmp_path, pod_env)]
     pods = apis + [trainer_a, trainer_b, trainer_c]
     store = PostgresJobStore(url)
     clients = [httpx.Client(base_url=api.url, timeout=60) for api in apis]

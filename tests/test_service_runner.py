@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import toy_rows, write_jsonl
-from service_helpers import alive
+from service_helpers import alive, wait_until
 
 from service.jobs import SqliteJobStore
 from service.runner import Runner, exit_reason
@@ -28,16 +28,6 @@ def _spec(tiny_base, train_path, **hyper) -> dict:
     return job_spec(request, {"train": str(train_path)})
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture
 def runner(tmp_path):
     running = Runner(SqliteJobStore(tmp_path / "home" / "jobs.sqlite3"), worker="trainer-a", lease_seconds=LEASE,
@@ -51,14 +41,14 @@ def runner(tmp_path):
 def test_a_killed_child_fails_its_job_with_the_reason_and_ran_niced_with_capped_threads(runner, tiny_base, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
     job = runner.store.create(_spec(tiny_base, train, epochs=300))  # num_threads left to the service
-    _wait(lambda: (runner.store.get(job.id).step or 0) > 0, 90, "training steps")
+    wait_until("training steps", 90, lambda: (runner.store.get(job.id).step or 0) > 0, poll=0.2)
     pid = runner.child_pid()
     assert pid is not None and pid != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + Settings().train_nice)
     saved = json.loads((run_dir_of(job.id) / "config.json").read_text())
     assert saved["train"]["num_threads"] == training_threads()
     os.kill(pid, signal.SIGKILL)
-    failed = _wait(lambda: (j := runner.store.get(job.id)).status == "failed" and j, 30, "the job to fail")
+    failed = wait_until("the job to fail", 30, lambda: (j := runner.store.get(job.id)).status == "failed" and j, poll=0.2)
     assert "killed by SIGKILL" in failed.error and "out-of-memory" in failed.error
     assert runner.alive()  # the runner outlives its child
 
@@ -69,9 +59,9 @@ def test_bad_data_fails_with_the_core_message_and_the_next_job_still_runs(runner
     one_class = write_jsonl(tmp_path / "one.jsonl", [{"text": f"row {i}", "label": "a"} for i in range(20)])
     single = runner.store.create(_spec(tiny_base, one_class))
     runner.wake()
-    first = _wait(lambda: (j := runner.store.get(missing.id)).status == "failed" and j, 90, "the first job")
+    first = wait_until("the first job", 90, lambda: (j := runner.store.get(missing.id)).status == "failed" and j, poll=0.2)
     assert "does not exist" in first.error
-    second = _wait(lambda: (j := runner.store.get(single.id)).status == "failed" and j, 90, "the second job")
+    second = wait_until("the second job", 90, lambda: (j := runner.store.get(single.id)).status == "failed" and j, poll=0.2)
     assert "one class only" in second.error
 
 
@@ -79,14 +69,16 @@ def test_bad_data_fails_with_the_core_message_and_the_next_job_still_runs(runner
 def test_a_job_whose_lease_went_to_another_trainer_is_stopped_here_and_left_to_it(runner, tiny_base, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
     job = runner.store.create(_spec(tiny_base, train, epochs=300))
-    _wait(lambda: (runner.store.get(job.id).step or 0) > 0, 90, "training steps")
+    wait_until("training steps", 90, lambda: (runner.store.get(job.id).step or 0) > 0, poll=0.2)
     pid = runner.child_pid()
     # What a long partition from the database looks like from outside: the lease lapses, another trainer
     # re-queues the job and claims it. This trainer's next heartbeat fails, and it must stop its copy.
     assert runner.store.heartbeat(job.id, 1, 0) and runner.store.recover() == [job.id]
     taken = runner.store.claim_next("trainer-b", 600)
     assert (taken.id, taken.attempt) == (job.id, 2)
-    _wait(lambda: runner.child_pid() is None and not alive(pid), 30, "the stale training process to end")
+    # The runner clears `current` just after its child exits: wait for both, not the child alone.
+    wait_until("the stale training process to end", 30,
+               lambda: runner.child_pid() is None and runner.current is None and not alive(pid), poll=0.2)
     now = runner.store.get(job.id)
     assert (now.status, now.attempt, now.worker, now.error) == ("running", 2, "trainer-b", None)  # not failed by us
     assert runner.alive() and runner.current is None
@@ -99,7 +91,7 @@ def test_stopping_the_runner_hands_its_job_back_at_once(tiny_base, tmp_path):
     running.start()
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(240))
     job = store.create(_spec(tiny_base, train, epochs=300))
-    _wait(lambda: running.child_pid() is not None, 60, "the training process")
+    wait_until("the training process", 60, lambda: running.child_pid() is not None, poll=0.2)
     pid = running.child_pid()
     running.stop()  # a pod's SIGTERM: a rolling update, a scale-down
     assert not alive(pid)
