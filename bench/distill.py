@@ -6,8 +6,9 @@ labels alone, and the time it takes. Prints markdown tables (medians, ratios) an
     python bench/distill.py text --teacher-run DIR        # reuse a teacher run folder (RUN_DIR with model/, splits/)
     python bench/distill.py text --train-rows 2000 --compare-rows 2000 --compare-epochs 1 --seeds 1 --seconds 0.5
                                                           # a reduced run (minutes): bounded teacher and comparison
-    python bench/distill.py text --teacher-run DIR --sweep-only --sweep 0.5:2,0.9:2,0.5:4:3e-4
-                                                          # alpha:temperature[:learning rate], each distilled
+    python bench/distill.py text --teacher-run DIR --sweep-only --sweep 0.5:2,0.9:2,0.5:4:3e-4,0.5:4:0:1
+                                                          # alpha:temperature[:learning rate[:hidden weight]],
+                                                          # each distilled
                                                           # the same way (--compare-rows, --compare-epochs)
     python bench/distill.py images                        # hymenoptera: teacher = EfficientNet-Lite0 by the defaults;
                                                           # students: --students 160:all,224:1-2-2-3-2-2-1,...
@@ -17,7 +18,8 @@ batches of real dev text joined to exactly --length tokens (no padding), at batc
 timed for about --seconds after a warm-up; the teacher's variants are the registered ones (eager fp32,
 ONNX int8) and the student's `distilled` (ONNX fp32), `distilled-int8` and its eager fp32 form. The
 comparison trains the same student (same rows, epochs and steps, early stopping off, best dev
-checkpoint kept) with the distillation loss and with alpha 0 (labels alone), over --seeds seeds.
+checkpoint kept) with the distillation loss and with alpha 0 and no hidden-state term (labels alone), over
+--seeds seeds.
 
 Images. Each student (input size : blocks kept per stage, "all" for the teacher's) is distilled from the
 teacher with the defaults otherwise; images/s is the model alone (eager fp32 and ONNX fp32) on the
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-rows", type=int, default=8000, help="text: rows of the loss comparison's runs")
     parser.add_argument("--compare-epochs", type=int, default=2, help="text: epochs of the loss comparison's runs")
     parser.add_argument("--seeds", type=int, default=3, help="text: seeds of the loss comparison (0: skip it)")
-    parser.add_argument("--sweep", default="", help="text: alpha:temperature[:learning rate] to compare, e.g. 0.5:2,0.9:4:3e-4")
+    parser.add_argument("--sweep", default="", help="text: alpha:temperature[:learning rate[:hidden weight]] to compare "
+                        "(rate 0: the default), e.g. 0.5:2,0.9:4:3e-4,0.5:4:0:1")
     parser.add_argument("--sweep-only", action="store_true", help="text: only the sweep (with --teacher-run)")
     parser.add_argument("--students", default="160:all,224:1-2-2-3-2-2-1,192:1-2-2-3-2-2-1",
                         help="images: size:blocks per stage, comma-separated")
@@ -116,7 +119,8 @@ def text_bench(args: argparse.Namespace, work: Path) -> None:
     records = info.manifest.variants
     about = metrics["distillation"]
     print(f"\n## Text distillation ({about['rows']['used']} rows x {dcfg.epochs} epochs at most, alpha {dcfg.alpha}, "
-          f"T {dcfg.temperature}, layers {about['student']['layers']} of {about['student']['of']})\n")
+          f"T {dcfg.temperature}, hidden weight {about['hidden_weight']}, layers {about['student']['layers']} of "
+          f"{about['student']['of']})\n")
     print(f"student: {metrics['train']['steps']} steps, {metrics['train']['status']}, {metrics['train']['samples_per_second']} "
           f"rows/s; teacher outputs {about['teacher_outputs']}; distillation {distill_s:.0f} s, export {export_s:.0f} s")
     for name in ("distilled", "distilled-int8"):
@@ -204,29 +208,35 @@ def train_text_teacher(sst2: Path, rows: int, work: Path) -> Path:
 
 def compare_losses(teacher_run: Path, work: Path, dcfg: DistillConfig, rows: int, epochs: int,
                    seeds: int) -> tuple[list[float], list[float]]:
-    """Dev accuracy of the same student trained with the distillation loss and with labels alone, per seed."""
+    """Dev accuracy of the same student trained with the distillation loss and with labels alone, per seed:
+    on labelled rows only (distill_data's rows would carry the teacher's answers into the labels-alone arm)."""
     kd, labels_only = [], []
     for seed in range(seeds):
-        for alpha, found in ((dcfg.alpha, kd), (0.0, labels_only)):
+        for alpha, hidden, found in ((dcfg.alpha, dcfg.hidden_weight, kd), (0.0, 0.0, labels_only)):
             found.append(fixed_steps(teacher_run, work / f"compare-{alpha}-{seed}",
-                                     dataclasses.replace(dcfg, alpha=alpha, seed=seed, max_rows=rows, epochs=epochs)))
+                                     dataclasses.replace(dcfg, alpha=alpha, hidden_weight=hidden, seed=seed, max_rows=rows,
+                                                         epochs=epochs, distill_data=None)))
             print(f"  seed {seed} alpha {alpha}: dev {100 * found[-1]:.2f}", flush=True)
     return kd, labels_only
 
 
 def sweep(teacher_run: Path, work: Path, dcfg: DistillConfig, specs: str, rows: int, epochs: int, seeds: int) -> None:
-    """Dev accuracy of the student per alpha:temperature[:learning rate], the mean over seeds 0..seeds-1."""
-    print(f"\n| alpha | temperature | learning rate | student dev accuracy, mean ({rows} rows x {epochs} epochs) | per seed |")
-    print("|---:|---:|---:|---:|---|")
+    """Dev accuracy of the student per alpha:temperature[:learning rate[:hidden weight]] (rate 0: the default),
+    the mean over seeds 0..seeds-1, and the distillation's minutes."""
+    print(f"\n| alpha | temperature | learning rate | hidden weight | student dev accuracy, mean ({rows} rows x {epochs} "
+          "epochs) | per seed | minutes per run |")
+    print("|---:|---:|---:|---:|---:|---|---:|")
     for spec in specs.split(","):
-        alpha, temperature, *rate = (float(v) for v in spec.split(":"))
-        found = []
+        alpha, temperature, rate, hidden = ([float(v) for v in spec.split(":")] + [0.0, 0.0])[:4]
+        found, started = [], time.perf_counter()
         for seed in range(seeds):
             chosen = dataclasses.replace(dcfg, alpha=alpha, temperature=temperature, max_rows=rows, epochs=epochs, seed=seed,
-                                         learning_rate=rate[0] if rate else dcfg.learning_rate)
+                                         learning_rate=rate or dcfg.learning_rate, hidden_weight=hidden, distill_data=None)
             found.append(fixed_steps(teacher_run, work / f"sweep-{spec.replace(':', '-')}-{seed}", chosen))
-        shown = f"{rate[0]:g}" if rate else "the default"
-        print(f"| {alpha:g} | {temperature:g} | {shown} | {100 * statistics.mean(found):.2f} | {fmt(found)} |", flush=True)
+        shown = f"{rate:g}" if rate else "the default"
+        minutes = (time.perf_counter() - started) / 60 / seeds
+        print(f"| {alpha:g} | {temperature:g} | {shown} | {hidden:g} | {100 * statistics.mean(found):.2f} | {fmt(found)} "
+              f"| {minutes:.1f} |", flush=True)
 
 
 def fixed_steps(teacher_run: Path, output: Path, dcfg: DistillConfig) -> float:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float)
     distill.add_argument("--layers", dest="student_layers", type=_int_list,
                          help="text: the teacher's encoder layers to keep, e.g. 1,3,5 (default: every other, the last kept)")
+    distill.add_argument("--hidden-weight", type=float,
+                         help="text: weight of matching the kept layers' hidden states to the teacher's (0: off)")
     distill.add_argument("--student", help="text: a local model folder using the teacher's tokenizer, instead of --layers")
     distill.add_argument("--image-size", type=int, help="images: the student's input in pixels; 0: the teacher's")
     distill.add_argument("--block-depths", type=_int_list, help="images: blocks kept per stage, e.g. 1,2,2,3,2,2,1")
@@ -228,7 +230,8 @@ def cmd_distill(args) -> int:
     from .distill import distill_version
 
     raw = load_config(args.config).get("distill") or {} if args.config else {}
-    flags = {name: getattr(args, name) for name in ("alpha", "temperature", "student_layers", "student", "image_size",
+    flags = {name: getattr(args, name) for name in ("alpha", "temperature", "student_layers", "hidden_weight", "student",
+                                                    "image_size",
                                                     "block_depths", "distill_data", "max_rows", "epochs",
                                                     "learning_rate", "distill_gate", "seed")}
     dcfg = distill_config_from_dict(merge({"distill": raw}, {"distill": flags})["distill"])

@@ -35,10 +35,10 @@ from torch import nn
 
 from . import data as D
 from . import registry
-from .config import TEXT_STUDENT_LEARNING_RATE, DistillConfig, JobConfig, TrainConfig, config_from_dict
+from .config import TEXT_HIDDEN_WEIGHT, TEXT_STUDENT_LEARNING_RATE, DistillConfig, JobConfig, TrainConfig, config_from_dict
 from .errors import ConfigError, DataError
 from .evaluate import evaluate, predict_logits, scalars
-from .losses import distillation_loss, make_loss
+from .losses import distillation_loss, hidden_matching, make_loss
 from .metadata import Columns, ModelMeta, read_meta
 from .model import load_trained, logits_of, save_trained
 from .tables import encode_labels, read_table, regression_targets
@@ -49,11 +49,12 @@ STUDENT_FOLDER = "model"
 
 @dataclass
 class TeacherRows:
-    """Rows whose batches also carry "teacher_logits": cached per row, or from `teacher` on each batch."""
+    """Rows whose batches also carry "teacher_logits": cached per row, or from `teacher` on each batch
+    (which may add "teacher_hidden" too, see live_teacher)."""
 
     rows: Rows
     cached: torch.Tensor | None = None  # (rows, outputs), in row order
-    teacher: Callable[[dict], torch.Tensor] | None = None  # batch inputs -> logits
+    teacher: Callable[[dict], dict] | None = None  # batch inputs -> {"teacher_logits", ...}
 
     @property
     def targets(self) -> list:
@@ -65,18 +66,41 @@ class TeacherRows:
 
     def loader(self, batches: list[list[int]], epoch: int = 0) -> Iterable[Batch]:
         for indices, batch in zip(batches, self.rows.loader(batches, epoch)):
-            logits = self.cached[indices] if self.cached is not None else self.teacher(batch["inputs"])
-            yield {**batch, "teacher_logits": logits}
+            outputs = {"teacher_logits": self.cached[indices]} if self.cached is not None else self.teacher(batch["inputs"])
+            yield {**batch, **outputs}
 
 
-def live_teacher(teacher: nn.Module, precision: str, image_size: int | None = None) -> Callable[[dict], torch.Tensor]:
-    """The teacher as a function of a batch's inputs, in inference mode (bf16 autocast when chosen).
+def layer_outputs(layers: list[nn.Module]) -> tuple[list, Callable[[], None]]:
+    """Forward hooks keeping each layer's output hidden states of the latest forward pass, and their removal."""
+    kept: list = [None] * len(layers)
+
+    def keeper(k: int):
+        def keep(module, args, output):
+            kept[k] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(k)) for k, layer in enumerate(layers)]
+    return kept, lambda: [handle.remove() for handle in handles]
+
+
+def live_teacher(teacher: nn.Module, precision: str, image_size: int | None = None,
+                 hidden_layers: list[int] | None = None) -> Callable[[dict], dict]:
+    """The teacher as a function of a batch's inputs, in inference mode (bf16 autocast when chosen):
+    {"teacher_logits"}, plus "teacher_hidden" (the outputs of the encoder layers `hidden_layers`,
+    stacked) for hidden-state matching.
 
     An image student smaller than the teacher sends its own pixels, resized to the teacher's size:
     the same augmented view, where decoding it again at the teacher's size would crop differently.
     """
+    from .student import encoder_layers
+
     device = next(teacher.parameters()).device
     teacher.eval()
+    hidden = None
+    if hidden_layers:
+        layers = encoder_layers(teacher)
+        hidden, _ = layer_outputs([layers[i] for i in hidden_layers])
 
     def forward(inputs: dict) -> torch.Tensor:
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
@@ -86,7 +110,10 @@ def live_teacher(teacher: nn.Module, precision: str, image_size: int | None = No
                                                    align_corners=False)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = logits_of(teacher(**inputs)).float()
-        return logits.clone()  # a normal tensor, outside inference mode: the loss may save it for backward
+            stacked = torch.stack([h.float() for h in hidden]) if hidden else None
+        # Normal tensors, outside inference mode: the loss may save them for backward.
+        outputs = {"teacher_logits": logits.clone()}
+        return outputs if stacked is None else {**outputs, "teacher_hidden": stacked.clone()}
 
     return forward
 
@@ -171,10 +198,20 @@ def _distil(teacher_dir: Path, output: Path, dcfg: DistillConfig, tc: TrainConfi
     pool = inputs + extra
     rows_in = [pool[i] for i in chosen]
     rows_targets = [targets[i] if i < len(inputs) else None for i in chosen]  # None: the teacher's answer, below
-    train_rows, teacher_outputs = _with_teacher(parts, rows_in, rows_targets, tc.eval_batch_size, precision, device)
+    layers = parts.about["student"].get("layers")  # a text student made of the teacher's own layers
+    weight = (TEXT_HIDDEN_WEIGHT if layers else 0.0) if dcfg.hidden_weight is None else dcfg.hidden_weight
+    matched = layers if weight else None
+    train_rows, teacher_outputs = _with_teacher(parts, rows_in, rows_targets, tc.eval_batch_size, precision, device,
+                                                matched)
 
     hard = make_loss(meta.is_regression, label_smoothing=tc.label_smoothing, regression_loss=tc.regression_loss)
     loss_fn = distillation_loss(hard, dcfg.alpha, dcfg.temperature, meta.is_regression)
+    unhook = lambda: None  # noqa: E731
+    if matched:
+        from .student import encoder_layers
+
+        student_hidden, unhook = layer_outputs(list(encoder_layers(parts.student)))
+        loss_fn = hidden_matching(loss_fn, student_hidden, weight)
     student_val = parts.student_view(val_inputs, val_targets, False)
 
     def evaluate_student(precision: str = precision) -> dict:
@@ -184,8 +221,11 @@ def _distil(teacher_dir: Path, output: Path, dcfg: DistillConfig, tc: TrainConfi
     unlabelled = sum(i >= len(inputs) for i in chosen)
     sink({"type": "distill_start", "rows": len(rows_in), "unlabelled_rows": unlabelled,
           "teacher_outputs": teacher_outputs, **parts.about})
-    result = fit(parts.student, train_rows, tc, loss_fn=loss_fn, evaluate_fn=lambda m: scalars(evaluate_student()),
-                 checkpoint_dir=output / "checkpoints", resume=resume, on_event=sink, should_stop=should_stop)
+    try:
+        result = fit(parts.student, train_rows, tc, loss_fn=loss_fn, evaluate_fn=lambda m: scalars(evaluate_student()),
+                     checkpoint_dir=output / "checkpoints", resume=resume, on_event=sink, should_stop=should_stop)
+    finally:
+        unhook()
     train_info = {"status": result.status, "steps": result.global_step, "epochs_run": result.epochs_run,
                   "samples_per_second": round(result.samples_per_second, 2), "train_seconds": round(result.wall_seconds, 2),
                   "wall_seconds": round(time.perf_counter() - started, 2), "precision": result.precision,
@@ -200,6 +240,7 @@ def _distil(teacher_dir: Path, output: Path, dcfg: DistillConfig, tc: TrainConfi
         "teacher": {"validation": teacher_metrics},
         "train": train_info,
         "distillation": {**parts.about, "alpha": dcfg.alpha, "temperature": dcfg.temperature,
+                         "hidden_weight": weight,
                          "rows": {"train_split": len(inputs), "distill_data": len(extra), "used": len(rows_in),
                                   "unlabelled_used": unlabelled, "max_rows": dcfg.max_rows},
                          "teacher_outputs": teacher_outputs, "learning_rate": tc.learning_rate, "epochs": tc.epochs},
@@ -213,28 +254,32 @@ def _distil(teacher_dir: Path, output: Path, dcfg: DistillConfig, tc: TrainConfi
 
 
 def _with_teacher(parts: _Parts, inputs: list, targets: list, batch_size: int, precision: str,
-                  device: torch.device) -> tuple[TeacherRows, str]:
+                  device: torch.device, hidden_layers: list[int] | None = None) -> tuple[TeacherRows, str]:
     """The student's training rows carrying the teacher's outputs, and how they were computed.
 
     Rows whose target is None (distill_data) are labelled with the teacher's answer: its class, or
     its value for regression. Without augmentation the teacher runs once over every row; with it,
     on each augmented batch during training (and once over the unlabelled rows, for their labels).
+    Hidden-state matching (`hidden_layers`) also runs the teacher on each batch: its hidden states
+    are too big to keep for every row.
     """
+    live = parts.augment or bool(hidden_layers)
     unlabelled = [k for k, target in enumerate(targets) if target is None]
     blank = 0.0 if parts.meta.is_regression else 0
     targets = [blank if t is None else t for t in targets]
-    if parts.augment:
-        unlabelled_rows = parts.teacher_view([inputs[k] for k in unlabelled], [blank] * len(unlabelled))
-        answers = cached_teacher(parts.teacher, unlabelled_rows, batch_size, precision) if unlabelled else []
+    if live:
+        answers = (cached_teacher(parts.teacher, parts.teacher_view([inputs[k] for k in unlabelled], [blank] * len(unlabelled)),
+                                  batch_size, precision) if unlabelled else [])
     else:
         cached = cached_teacher(parts.teacher, parts.teacher_view(inputs, targets), batch_size, precision)
         answers = cached[unlabelled]
     for k, logits in zip(unlabelled, answers):
         targets[k] = float(logits[0]) if parts.meta.is_regression else int(logits.argmax())
     rows = parts.student_view(inputs, targets, parts.augment)
-    if parts.augment:
-        return (TeacherRows(rows, teacher=live_teacher(parts.teacher, precision, parts.teacher_size)),
-                "live: the teacher runs on each augmented batch")
+    if live:
+        why = "each augmented batch" if parts.augment else "each batch, for its hidden states"
+        return (TeacherRows(rows, teacher=live_teacher(parts.teacher, precision, parts.teacher_size, hidden_layers)),
+                f"live: the teacher runs on {why}")
     return TeacherRows(rows, cached=cached.to(device)), "cached: computed once per row"
 
 
@@ -275,9 +320,9 @@ def _image_parts(teacher_dir: Path, dcfg: DistillConfig, job: JobConfig | None) 
     from .images import ImageRows, ImageSpec
     from .student import image_student
 
-    if dcfg.student or dcfg.student_layers:
-        raise ConfigError("distill.student and distill.student_layers are for text models; an image student is set "
-                          "with distill.image_size and distill.block_depths")
+    if dcfg.student or dcfg.student_layers or dcfg.hidden_weight:
+        raise ConfigError("distill.student, distill.student_layers and distill.hidden_weight are for text models; an "
+                          "image student is set with distill.image_size and distill.block_depths")
     teacher, meta = load_image_model(teacher_dir)
     spec = ImageSpec.from_meta(meta)
     full = stage_depths(teacher.net)

@@ -48,3 +48,20 @@ def distillation_loss(hard: LossFn, alpha: float, temperature: float, regression
         return (1.0 - alpha) * hard(logits, batch) + alpha * soft
 
     return loss
+
+
+def hidden_matching(loss: LossFn, student_hidden: list, weight: float) -> LossFn:
+    """loss + weight * the MSE between the student's and the teacher's hidden states, at real tokens only.
+
+    `student_hidden` holds the student's layer outputs of the latest forward pass (distill.layer_outputs);
+    batch["teacher_hidden"] the teacher's matching layers, stacked as (layers, rows, tokens, width).
+    Padding positions are left out, so a batch's padding does not dilute the term.
+    """
+
+    def combined(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        mask = batch["inputs"]["attention_mask"].unsqueeze(-1).float()
+        student = torch.stack([h.float() for h in student_hidden])
+        squared = (student - batch["teacher_hidden"]) ** 2 * mask
+        return loss(logits, batch) + weight * squared.sum() / (mask.sum() * student.shape[0] * student.shape[-1])
+
+    return combined

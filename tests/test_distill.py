@@ -17,12 +17,12 @@ from finetune_core import data as D
 from finetune_core import predict, registry
 from finetune_core.artifacts import export_version
 from finetune_core.config import DistillConfig, distill_config_from_dict
-from finetune_core.distill import TeacherRows, cached_teacher, distill_run, live_teacher
+from finetune_core.distill import TeacherRows, cached_teacher, distill_run, layer_outputs, live_teacher
 from finetune_core.errors import ConfigError
-from finetune_core.losses import distillation_loss, make_loss
+from finetune_core.losses import distillation_loss, hidden_matching, make_loss
 from finetune_core.metadata import Manifest, ModelMeta, VariantRecord
 from finetune_core.model import build_model, load_trained, save_trained
-from finetune_core.student import check_same_tokenizer, every_other_layer, layer_drop_student
+from finetune_core.student import check_same_tokenizer, encoder_layers, every_other_layer, layer_drop_student
 
 TEXTS = ["the movie was really excellent", "a dull plot", "quite a lovely film, the acting was superb",
          "terrible", "the film was awful and the acting poor"]
@@ -132,6 +132,54 @@ def test_teacher_logits_reach_the_loss_with_their_rows(tiny_base):
 # ---------------------------------------------------------------- end to end
 
 
+def test_hidden_matching_is_zero_for_the_teacher_layers_and_counts_real_tokens_only(tiny_base):
+    teacher, tokenizer = build_model(str(tiny_base), LABELS)
+    rows = D.encode(tokenizer, TEXTS, [0, 1, 0, 1, 1], 32)
+    batch = next(iter(rows.loader([[0, 1, 3]])))  # padded to the longest of three lengths
+    inputs = batch["inputs"]
+    assert (inputs["attention_mask"] == 0).any()
+    everything = list(range(len(encoder_layers(teacher))))
+    twin, _ = layer_drop_student(teacher, everything)  # every layer: the teacher's exact copy
+    student_hidden, unhook = layer_outputs(list(encoder_layers(twin)))
+    extra = live_teacher(teacher, "fp32", hidden_layers=everything)(inputs)
+    assert extra["teacher_hidden"].shape[:2] == (len(everything), 3)
+    hard = make_loss(False)
+    matched = hidden_matching(hard, student_hidden, weight=10.0)
+    logits = twin(**inputs).logits
+    assert matched(logits, {**batch, **extra}).item() == pytest.approx(hard(logits, batch).item(), abs=1e-5)
+
+    # The term is the mean squared difference over real tokens and widths, weighted: padding left out.
+    shifted = {**batch, **extra, "teacher_hidden": extra["teacher_hidden"] + 0.5}
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    padded_too = ((extra["teacher_hidden"] - shifted["teacher_hidden"]) ** 2).mean()
+    assert padded_too.item() == pytest.approx(0.25)
+    garbage = shifted["teacher_hidden"].clone()
+    garbage[:, mask[..., 0] == 0] = 1e6  # what the teacher puts at padding must not count
+    found = matched(logits, {**shifted, "teacher_hidden": garbage}) - hard(logits, batch)
+    assert found.item() == pytest.approx(10.0 * 0.25, rel=1e-4)
+    twin.zero_grad()
+    matched(twin(**inputs).logits, shifted).backward()
+    assert encoder_layers(twin)[0].output.dense.weight.grad.abs().sum() > 0  # it reaches the layers, not just the head
+    unhook()
+    twin(**inputs)
+    assert student_hidden[0] is not None  # the hooks are gone: the last value stays, no new one is kept
+
+
+def test_hidden_matching_is_refused_where_layers_need_not_match():
+    with pytest.raises(ConfigError, match="distill.hidden_weight: hidden-state matching needs a student made of"):
+        DistillConfig(student="/some/folder", hidden_weight=1.0)
+    with pytest.raises(ConfigError, match="distill.hidden_weight: must be a number"):
+        DistillConfig(hidden_weight=-1.0)
+
+
+def test_without_hidden_state_matching_the_teacher_runs_once_per_row(teacher_run, tmp_path):
+    metrics = distill_run(teacher_run, tmp_path / "logits", DistillConfig(epochs=2, max_rows=120, learning_rate=3e-3,
+                                                                         hidden_weight=0.0))
+    assert metrics["distillation"]["teacher_outputs"] == "cached: computed once per row"
+    assert metrics["distillation"]["hidden_weight"] == 0.0
+    assert metrics["validation"]["accuracy"] >= 0.9
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tiny_base, tmp_path_factory) -> Path:
     """A trained tiny teacher's run folder: model/, splits/train.jsonl and validation.jsonl."""
@@ -158,6 +206,8 @@ def version(teacher_run, student_run, tmp_path_factory):
 
 def test_the_student_learns_from_the_teacher_and_keeps_half_its_layers(student_run, teacher_run):
     output, metrics = student_run
+    student, _, _ = load_trained(output / "model")
+    assert not any(layer._forward_hooks for layer in encoder_layers(student))
     assert metrics["validation"]["accuracy"] >= 0.95
     assert metrics["teacher"]["validation"]["accuracy"] >= 0.95
     about = metrics["distillation"]
@@ -166,7 +216,8 @@ def test_the_student_learns_from_the_teacher_and_keeps_half_its_layers(student_r
     rows = toy_rows(240, seed=0)
     kept = len(D.clean([r["text"] for r in rows], [r["label"] for r in rows])[0])  # a repeated toy row is dropped
     assert about["rows"] == {"train_split": kept, "distill_data": 0, "used": 200, "unlabelled_used": 0, "max_rows": 200}
-    assert about["teacher_outputs"].startswith("cached")
+    assert about["teacher_outputs"] == "live: the teacher runs on each batch, for its hidden states"
+    assert about["hidden_weight"] == 1.0  # the default for a student made of the teacher's layers
     student, _, meta = load_trained(output / "model")
     assert student.config.num_hidden_layers == 1 and meta.labels == LABELS and meta.max_length == 64
     phases = {line.split('"phase": ')[1][:9] for line in (output / "events.jsonl").read_text().splitlines()}
