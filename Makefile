@@ -74,3 +74,34 @@ quality: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Load and soak (bench/load/README.md). `load`: the service and the naive baseline at 1, 8, 32, 64 clients and
+# the service at 256 (its 429s), with a training job at 32: a table, and LOAD_PLOT (throughput and p99).
+# `load-locust`: Locust headless, bounded by time, users and requests. `soak`: 10 minutes at 70% of the probed
+# maximum, failing on errors or growth; `soak-short` is its one-minute test (also part of `make test`).
+.PHONY: load load-locust soak soak-short
+LOAD_PLOT ?= runs/serve_bench.png
+load: install
+	test -d $(RUN_DIR)/model || $(MAKE) demo RUN_DIR=$(RUN_DIR)
+	mkdir -p $(dir $(LOAD_PLOT))
+	$(BIN)/python bench/serve_bench.py --run $(RUN_DIR) --overload 256 --plot $(LOAD_PLOT)
+
+load-locust: install
+	test -d $(RUN_DIR)/model || $(MAKE) demo RUN_DIR=$(RUN_DIR)
+	$(BIN)/python bench/load/run_locust.py --run $(RUN_DIR) -u 32 -t 60s --max-requests 20000
+
+soak: install
+	test -d $(RUN_DIR)/model || $(MAKE) demo RUN_DIR=$(RUN_DIR)
+	$(BIN)/python bench/load/soak.py --run $(RUN_DIR) --seconds 600
+
+soak-short: install
+	$(BIN)/python -m pytest -q -ra -m soak tests/test_soak.py
+
+# The long fuzz (README: Fuzzing): Schemathesis over the published /openapi.json, every operation, phase and
+# check, FUZZ_EXAMPLES per operation, a new seed each run (FUZZ_SEED=N repeats one). `make test` runs the same
+# test with 6 examples and a fixed seed.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 100
+FUZZ_SEED ?= random
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -ra -s tests/test_openapi_fuzz.py

@@ -1,16 +1,24 @@
 """Serving throughput and latency on loopback: the service's /predict against a naive baseline and the framework's ceiling.
 
-    python bench/serve_bench.py --run RUN_DIR                 # the table (about 3 minutes)
+    python bench/serve_bench.py --run RUN_DIR                 # 1, 8, 32, 64 clients: table and plot (about 7 minutes)
+    python bench/serve_bench.py --run RUN_DIR --overload 256  # the same, then the service at 256 clients (429s)
+    python bench/serve_bench.py --run RUN_DIR --concurrency 32 --only empty service naive   # one level, with the ceiling
     python bench/serve_bench.py --run RUN_DIR --sweep         # ORT threads/spinning and batching settings (about 4 minutes)
     python bench/serve_bench.py --home HOME --model NAME      # a model already registered in HOME
 
-Contenders, one after another, each a fresh server on 127.0.0.1, one text per request from 32
-concurrent aiohttp clients (an httpx client saturated a core here and hid the differences), a few
-seconds of warm-up, then --seconds of measurement (and at most --max-requests requests):
+Contenders, one after another, each a fresh server on 127.0.0.1, one text per request from N
+concurrent closed-loop aiohttp clients (an httpx client saturated a core here and hid the differences)
+for each N of --concurrency, a few seconds of warm-up at N, then --seconds of measurement (and at most
+--max-requests requests). For each: requests/s, p50/p95/p99 of the 200s, errors (anything but 200 and
+429, timeouts included), 429s (the service's load shedding, service/shedding.py; a client that gets one
+waits its Retry-After before its next request, as a well-behaved client does), and the server's
+process tree (bench/load/procstats.py): cores busy and peak summed RSS. `--plot PNG` (default
+serve_bench.png in the logs folder's parent, printed) draws throughput and p99 against N:
 
   empty     an async BentoML endpoint returning a constant: the framework's ceiling on this machine
   service   `bentoml serve service.bento:FinetuneServe`, the registered model's default variant
-  training  the same server while a training job runs in its trainer (niced child, capped threads)
+  training  the same server while a training job runs in its trainer (niced child, capped threads), at
+            32 clients (or the largest N below it)
   naive     FastAPI, a sync endpoint around transformers' pipeline("text-classification") on the
             same model folder, one uvicorn worker
 
@@ -36,6 +44,9 @@ from pathlib import Path
 import bentoml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench" / "load"))
+import procstats  # noqa: E402  (bench/load is not a package: bench/load/procstats.py)
+
 BIN = Path(sys.executable).parent
 SAMPLE_TRAIN = REPO / "examples" / "sst2_sample" / "train.jsonl"
 ACCESS_LOG_OFF = {"logging": {"access": {"enabled": False}}}
@@ -46,6 +57,9 @@ BENTOML_ENV = {
 START_SECONDS = 120
 WARMUP_SECONDS = 3.0
 REQUEST_TIMEOUT_SECONDS = 30.0
+CONCURRENCY = [1, 8, 32, 64]
+TRAINING_CLIENTS = 32  # the goal's level: /predict p99 with a job running, against idle at the same level
+STATS_EVERY_SECONDS = 0.5
 # (label, environment) for --sweep: the service under its defaults, then one setting changed at a time.
 SWEEP = [
     ("defaults (ORT 2 threads, no spinning, max batch 32, no wait)", {}),
@@ -149,19 +163,26 @@ def bentoml_argv(target: str, working_dir: Path) -> list[str]:
 @dataclass
 class Result:
     name: str
+    clients: int
     seconds: float
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
+    latencies: list[float] = field(default_factory=list)  # of the 200s
+    shed_latencies: list[float] = field(default_factory=list)  # of the 429s
+    errors: int = 0  # anything else: other statuses, connection errors, timeouts
     note: str = ""
     cpu: dict[str, float] = field(default_factory=dict)  # cores busy: server, client, whole machine
+    peak_rss_mb: float = float("nan")  # the server's process tree, summed
 
     @property
     def rps(self) -> float:
         return len(self.latencies) / self.seconds
 
-    def percentile(self, p: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
+    def percentile(self, p: float, shed: bool = False) -> float:
+        return percentile(self.shed_latencies if shed else self.latencies, p)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
 
 
 async def load(session, url: str, texts: list[str], model: str | None, clients: int, seconds: float,
@@ -169,7 +190,7 @@ async def load(session, url: str, texts: list[str], model: str | None, clients: 
     """`clients` closed-loop clients, one text per request, until `seconds` pass or `max_requests` are sent."""
     import aiohttp
 
-    result = Result(name, seconds)
+    result = Result(name, clients, seconds)
     sent = 0
     deadline = time.perf_counter() + seconds
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
@@ -185,11 +206,15 @@ async def load(session, url: str, texts: list[str], model: str | None, clients: 
             try:
                 async with session.post(url + "/predict", json=body, timeout=timeout) as response:
                     await response.read()
-                    ok = response.status == 200
+                    status = response.status
+                    retry_after = float(response.headers.get("Retry-After", "1"))
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                ok = False
-            if ok:
+                status = None
+            if status == 200:
                 result.latencies.append(time.perf_counter() - started)
+            elif status == 429:
+                result.shed_latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(retry_after)  # as a client honouring Retry-After; retrying at once is a flood
             else:
                 result.errors += 1
 
@@ -199,15 +224,33 @@ async def load(session, url: str, texts: list[str], model: str | None, clients: 
     return result
 
 
-async def measure(session, server: Server, args, texts: list[str], model: str | None, name: str) -> Result:
-    await load(session, server.url, texts, model, args.clients, WARMUP_SECONDS, args.max_requests)
+async def peak_rss(pid: int, stop: asyncio.Event) -> float:
+    """The server tree's largest summed RSS in MB, sampled every STATS_EVERY_SECONDS until `stop`."""
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, (await asyncio.to_thread(procstats.snapshot, pid)).rss_bytes)
+        try:
+            await asyncio.wait_for(stop.wait(), STATS_EVERY_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+    return peak / 2**20
+
+
+async def measure(session, server: Server, args, texts: list[str], model: str | None, name: str,
+                  clients: int) -> Result:
+    await load(session, server.url, texts, model, clients, WARMUP_SECONDS, args.max_requests)
     before = cpu_seconds(server.process.pid)
-    result = await load(session, server.url, texts, model, args.clients, args.seconds, args.max_requests, name)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(peak_rss(server.process.pid, stop))
+    result = await load(session, server.url, texts, model, clients, args.seconds, args.max_requests, name)
+    stop.set()
+    result.peak_rss_mb = await sampler
     after = cpu_seconds(server.process.pid)
     result.cpu = {part: (after[part] - before[part]) / result.seconds for part in after}
-    print(f"  {name}: {result.rps:.1f} req/s, p99 {result.percentile(99) * 1000:.0f} ms, {result.errors} errors; "
-          f"cores busy: server {result.cpu['server']:.2f}, client {result.cpu['client']:.2f}, "
-          f"machine {result.cpu['machine']:.2f}", flush=True)
+    print(f"  {name}, {clients} clients: {result.rps:.1f} req/s, p99 {result.percentile(99) * 1000:.0f} ms, "
+          f"{result.errors} errors, {len(result.shed_latencies)} shed; cores busy: server {result.cpu['server']:.2f}, "
+          f"client {result.cpu['client']:.2f}, machine {result.cpu['machine']:.2f}; "
+          f"server RSS {result.peak_rss_mb:.0f} MB", flush=True)
     return result
 
 
@@ -216,26 +259,9 @@ def cpu_seconds(server_pid: int) -> dict[str, float]:
 
     The machine figure includes anything else running: compare it with the other two to see interference.
     """
-    ticks = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    used: dict[int, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        used[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-    tree, todo = [], [server_pid]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(machine) - machine[3] - machine[4]  # all but idle and iowait
-    return {"server": sum(used.get(pid, 0.0) for pid in tree), "client": used.get(os.getpid(), 0.0),
-            "machine": busy / ticks}
+    machine = procstats.psutil.cpu_times()
+    return {"server": procstats.snapshot(server_pid).cpu_seconds, "client": sum(os.times()[:2]),
+            "machine": machine.user + machine.nice + machine.system + machine.irq + machine.softirq + machine.steal}
 
 
 # ---------------------------------------------------------------- contenders
@@ -275,15 +301,23 @@ async def job_steps(session, url: str, job_id: str) -> int:
         return (await response.json())["step"] or 0
 
 
+def training_clients(levels: list[int]) -> int:
+    below = [n for n in levels if n <= TRAINING_CLIENTS]
+    return max(below) if below else min(levels)
+
+
 async def run_table(session, args, home: Path, model: str, texts: list[str], logs: Path) -> list[Result]:
     results = []
-    contenders = args.only or ["empty", "service", "naive"]
+    contenders = args.only or ["service", "naive"]
+    levels = args.concurrency
     if "empty" in contenders:
         print("empty BentoML endpoint", flush=True)
         server = Server("empty", bentoml_argv("serve_bench:EmptyService", REPO / "bench"), BENTOML_ENV, logs)
         try:
             await server.ready(session)
-            results.append(await measure(session, server, args, texts, None, "empty BentoML endpoint (ceiling)"))
+            for clients in levels:
+                results.append(await measure(session, server, args, texts, None, "empty BentoML endpoint (ceiling)",
+                                             clients))
         finally:
             server.stop()
     if "service" in contenders:
@@ -291,11 +325,14 @@ async def run_table(session, args, home: Path, model: str, texts: list[str], log
         server = service_server(home, logs, {})
         try:
             await server.ready(session)
-            results.append(await measure(session, server, args, texts, model, "service /predict, idle trainer"))
+            for clients in levels + ([args.overload] if args.overload else []):
+                results.append(await measure(session, server, args, texts, model, "service /predict", clients))
             if not args.no_training:
+                clients = training_clients(levels)
                 job_id = await start_training(session, server.url)
                 steps = await job_steps(session, server.url, job_id)
-                during = await measure(session, server, args, texts, model, "service /predict, training job running")
+                during = await measure(session, server, args, texts, model, "service /predict, training job running",
+                                       clients)
                 steps = await job_steps(session, server.url, job_id) - steps
                 during.note = f"trainer made {steps} steps of 16 meanwhile"
                 results.append(during)
@@ -311,7 +348,9 @@ async def run_table(session, args, home: Path, model: str, texts: list[str], log
         server = Server("naive", argv, env, logs)
         try:
             await server.ready(session)
-            results.append(await measure(session, server, args, texts, None, "naive FastAPI + transformers pipeline"))
+            for clients in levels:
+                results.append(await measure(session, server, args, texts, None, "naive FastAPI + transformers pipeline",
+                                             clients))
         finally:
             server.stop()
     return results
@@ -319,33 +358,61 @@ async def run_table(session, args, home: Path, model: str, texts: list[str], log
 
 async def run_sweep(session, args, home: Path, model: str, texts: list[str], logs: Path) -> list[Result]:
     results = []
+    clients = args.concurrency[-1]
     for i, (label, env) in enumerate(SWEEP):
         print(label, flush=True)
         server = service_server(home, logs, env, name=f"sweep-{i}")
         try:
             await server.ready(session)
-            results.append(await measure(session, server, args, texts, model, label))
+            results.append(await measure(session, server, args, texts, model, label, clients))
         finally:
             server.stop()
     return results
 
 
 def print_table(results: list[Result]) -> None:
-    by_name = {r.name: r for r in results}
-    ceiling = next((r for r in results if r.name.startswith("empty")), None)
-    naive = next((r for r in results if r.name.startswith("naive")), None)
+    """One row per contender and level; `vs naive` against the naive baseline at the same level."""
+    naive = {r.clients: r for r in results if r.name.startswith("naive")}
     print()
-    print("| contender | req/s | p50 ms | p90 ms | p99 ms | errors | of ceiling | vs naive | cores: server/client/machine |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in by_name.values():
-        of_ceiling = f"{r.rps / ceiling.rps:.0%}" if ceiling else "-"
-        vs_naive = f"{r.rps / naive.rps:.1f}x" if naive else "-"
-        cores = "/".join(f"{r.cpu[part]:.2f}" for part in ("server", "client", "machine"))
-        print(f"| {r.name} | {r.rps:.1f} | {r.percentile(50) * 1000:.0f} | {r.percentile(90) * 1000:.0f} | "
-              f"{r.percentile(99) * 1000:.0f} | {r.errors} | {of_ceiling} | {vs_naive} | {cores} |")
+    print("| contender | clients | req/s | p50 ms | p95 ms | p99 ms | errors | 429s (p99 ms) | vs naive | "
+          "server cores | server RSS MB | cores: client/machine |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        vs_naive = f"{r.rps / naive[r.clients].rps:.1f}x" if r.clients in naive and naive[r.clients].rps else "-"
+        shed = f"{len(r.shed_latencies)} ({r.percentile(99, shed=True) * 1000:.0f})" if r.shed_latencies else "0"
+        print(f"| {r.name} | {r.clients} | {r.rps:.1f} | {r.percentile(50) * 1000:.0f} | {r.percentile(95) * 1000:.0f} | "
+              f"{r.percentile(99) * 1000:.0f} | {r.errors} | {shed} | {vs_naive} | {r.cpu['server']:.2f} | "
+              f"{r.peak_rss_mb:.0f} | {r.cpu['client']:.2f}/{r.cpu['machine']:.2f} |")
     for r in results:
         if r.note:
-            print(f"{r.name}: {r.note}")
+            print(f"{r.name}, {r.clients} clients: {r.note}")
+
+
+def plot(results: list[Result], path: Path) -> None:
+    """Throughput and p99 against clients, one line per contender (points alone for single-level ones)."""
+    sys.path.insert(0, str(REPO))
+    from finetune_core.plots import pyplot
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(dict.fromkeys(r.name for r in results))
+    for name in names:
+        rows = sorted((r for r in results if r.name == name), key=lambda r: r.clients)
+        clients = [r.clients for r in rows]
+        style = "o-" if len(rows) > 1 else "s"
+        left.plot(clients, [r.rps for r in rows], style, label=name)
+        right.plot(clients, [r.percentile(99) * 1000 for r in rows], style, label=name)
+    levels = sorted({r.clients for r in results})
+    for ax, ylabel, title in ((left, "requests/s (200s)", "Throughput"), (right, "p99 ms (200s)", "p99 latency")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set(xlabel="concurrent clients", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def prepare(args) -> tuple[Path, str]:
@@ -384,15 +451,19 @@ async def main_async(args) -> None:
     home, model = prepare(args)
     texts = read_texts(args)
     logs = Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))
-    print(f"model {model} in {home}; {len(texts)} texts; {args.clients} clients, {args.seconds:g} s each; logs in {logs}",
-          flush=True)
-    connector = aiohttp.TCPConnector(limit=args.clients + 4)
+    print(f"model {model} in {home}; {len(texts)} texts; clients {args.concurrency}, {args.seconds:g} s each; "
+          f"logs in {logs}", flush=True)
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency + [args.overload or 0]) + 4)
     async with aiohttp.ClientSession(connector=connector) as session:
         if args.sweep:
             results = await run_sweep(session, args, home, model, texts, logs)
         else:
             results = await run_table(session, args, home, model, texts, logs)
     print_table(results)
+    if not args.sweep:
+        path = Path(args.plot) if args.plot else logs.parent / "serve_bench.png"
+        plot(results, path)
+        print(f"\nplot: {path}")
     if not args.keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
 
@@ -404,12 +475,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="a model already registered in --home")
     parser.add_argument("--model-dir", type=Path, help="the folder the naive baseline loads (default: RUN_DIR/model)")
     parser.add_argument("--texts", help="JSONL with a text field (default: the run's validation split)")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per contender")
-    parser.add_argument("--max-requests", type=int, default=50_000, help="at most this many requests per contender")
-    parser.add_argument("--only", nargs="+", choices=["empty", "service", "naive"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY,
+                        help="closed-loop client counts, each measured in turn (--sweep: the last)")
+    parser.add_argument("--overload", type=int, help="then the service alone at this many clients (e.g. 256): its 429s")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per contender and level")
+    parser.add_argument("--max-requests", type=int, default=50_000, help="at most this many requests per measurement")
+    parser.add_argument("--only", nargs="+", choices=["empty", "service", "naive"],
+                        help="contenders (default: service naive)")
     parser.add_argument("--no-training", action="store_true", help="skip /predict under a running training job")
     parser.add_argument("--sweep", action="store_true", help="the service under each of SWEEP's settings instead")
+    parser.add_argument("--plot", help="the PNG to write (default: serve_bench.png beside the logs folder)")
     parser.add_argument("--keep-logs", action="store_true")
     asyncio.run(main_async(parser.parse_args(argv)))
 

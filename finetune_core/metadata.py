@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,8 +156,10 @@ def read_manifest(version_dir: str | Path) -> Manifest:
 def write_manifest(manifest: Manifest, version_dir: str | Path) -> None:
     """Written before the version folder is renamed into place, so no reader sees it half-written."""
     path = Path(version_dir) / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique per thread too
+    with os.fdopen(handle, "w") as out:
+        out.write(json.dumps(manifest.to_dict(), indent=2))
+    os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp's file starts private)
     os.replace(tmp, path)
 
 

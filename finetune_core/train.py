@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> FitState:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     torch.save(obj, tmp)
     os.replace(tmp, path)

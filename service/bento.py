@@ -25,15 +25,19 @@ import time
 import bentoml
 import httpx
 
+from . import datasets
 from .app import app
 from .batching import Batcher
 from .context import Context
+from .draining import Draining, drain_on_sigterm
+from .exposure import check_exposure
 from .guard import Guard
 from .jobs import open_store
 from .metrics import make_metrics
 from .predictors import Predictors
 from .runner import Runner
 from .settings import settings
+from .shedding import Shedding
 
 log = logging.getLogger("service.bento")
 
@@ -112,10 +116,12 @@ class Trainer:
 def serve_api(wake_trainer) -> None:
     """What every API worker holds, whichever service runs it: the store, predictors, metrics, batcher."""
     exit_when_orphaned("api")
+    drain_on_sigterm()  # SIGTERM: refuse new connections, finish open ones, then stop (service.draining)
+    datasets.remove_stale_partials()  # a killed upload's temporaries; each upload sweeps again
     metrics = make_metrics()
     app.state.context = Context(
         store=open_store(),
-        predictors=Predictors(on_load=metrics.model_load.observe),
+        predictors=Predictors(on_load=metrics.model_load.observe, on_failure=metrics.load_failed),
         metrics=metrics,
         batcher=Batcher(settings().max_batch, settings().max_wait_ms / 1000, on_batch=metrics.inference_batch.observe),
         wake_trainer=wake_trainer,
@@ -128,6 +134,10 @@ class FinetuneServe:
     """The API with its own trainer: one server on one machine (`make run`)."""
 
     trainer = bentoml.depends(Trainer)
+
+    @bentoml.on_deployment
+    def refuse_open_network() -> None:  # in `bentoml serve` itself, before any worker: no key on 0.0.0.0 stops here
+        check_exposure()
 
     def __init__(self) -> None:
         serve_api(self._wake_trainer)
@@ -143,6 +153,10 @@ class FinetuneServe:
 @bentoml.service(name="finetune-api", workers=settings().api_workers, traffic={"timeout": 300})
 class Api:
     """The API alone, for as many replicas as the traffic needs; trainers run elsewhere and poll the store."""
+
+    @bentoml.on_deployment
+    def refuse_open_network() -> None:
+        check_exposure()
 
     def __init__(self) -> None:
         serve_api(self._wake_trainer)
@@ -161,3 +175,9 @@ class Api:
 # The key check and body limits wrap the whole server, BentoML's own routes included.
 FinetuneServe.add_asgi_middleware(Guard)
 Api.add_asgi_middleware(Guard)
+# At most FINETUNE_SERVE_MAX_INFLIGHT prediction requests per worker; past a short wait, 429 (service.shedding).
+FinetuneServe.add_asgi_middleware(Shedding)
+Api.add_asgi_middleware(Shedding)
+# On SIGTERM, responses say `Connection: close` while the worker drains (service.draining).
+FinetuneServe.add_asgi_middleware(Draining)
+Api.add_asgi_middleware(Draining)

@@ -32,6 +32,8 @@ class Guard:
             return await _send_error(send, 401, "authorization: send the header 'Authorization: Bearer <key>' with "
                                                 f"the key in {env_name('api_key')}", "authorization",
                                      extra=[(b"www-authenticate", b"Bearer")])
+        if "\n" in scope["path"]:  # BentoML's mount of the app cannot match it, and would answer a plain-text 404
+            return await _send_error(send, 404, "path: no route or name here holds a line break", "path")
         limit = _body_limit(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -44,7 +46,7 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(413, _too_large(scope["path"], limit), "body")
             return message
 
         async def tracked_send(message):
@@ -59,8 +61,9 @@ class Guard:
                 await _send_error(send, 413, _too_large(scope["path"], limit), "body")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(errors.HTTPError):
+    """Raised while the app reads a body past its limit: the app's HTTPError handler answers 413 (FastAPI's
+    body parsing wraps it, see service.errors), and the guard itself where nothing inside did."""
 
 
 def _body_limit(path: str) -> int:

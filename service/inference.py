@@ -3,7 +3,7 @@
 A front end decodes its request into a Target (which model) and Inputs (texts, images or pixel
 values), calls `predict` once and encodes what comes back. Here, once for both: the name, version
 and variant are validated and resolved (404 for an unknown model or version, 422 naming the field
-for a bad name or a variant the version cannot serve), the predictor is loaded off the event loop,
+for a bad name or a variant the version cannot serve) off the event loop, as is the predictor's load,
 the inputs are checked against the model's kind, images are decoded in a thread-pool thread,
 concurrent requests share forward passes through the worker's Batcher, and the prediction metrics
 are recorded. Errors are HTTPError or core errors (status from service.errors.status_of).
@@ -26,7 +26,6 @@ from .context import Context
 from .errors import FieldError, HTTPError
 from .image_inputs import BadImage, decode
 from .metrics import Metrics
-from .predictors import only_model
 
 
 @dataclass(frozen=True)
@@ -103,20 +102,26 @@ async def predict(ctx: Context, front: FrontEnd, target: Target, inputs: Inputs,
 
 
 async def load(ctx: Context, front: FrontEnd, target: Target) -> Served:
-    """The loaded predictor for the target; loading (seconds) happens off the event loop.
+    """The loaded predictor for the target, from memory when a recent request resolved it; otherwise the
+    registry reads (the default model, the version) and the load (seconds) happen in a thread-pool thread.
 
     An alias (no version, latest, production) goes to Predictors as such, so after a promotion the
     old version keeps answering until the new one is loaded.
     """
-    name = target.name or only_model()
-    resolve(ctx, name, target.version)  # an unknown model or version: 404, before any variant error
-    try:
-        found = (ctx.predictors.get_if_loaded(name, target.version, target.variant)
-                 or await run_in_threadpool(ctx.predictors.get, name, target.version, target.variant))
-    except (registry.NotFoundError, registry.RegistryError) as err:
-        raise FieldError(front.variant_field, f"{front.variant_field}: {err}") from None
+    found = (ctx.predictors.get_cached(target.name, target.version, target.variant)
+             or await run_in_threadpool(_get, ctx, front, target))
     ctx.metrics.models_loaded.set(len(ctx.predictors.loaded()))
     return Served(*found)
+
+
+def _get(ctx: Context, front: FrontEnd, target: Target) -> tuple[registry.VersionInfo, Predictor]:
+    """Blocking: reads the registry and may wait for a load."""
+    name = target.name or ctx.predictors.default_name()
+    resolve(ctx, name, target.version)  # an unknown model or version: 404, before any variant error
+    try:
+        return ctx.predictors.get(name, target.version, target.variant)
+    except (registry.NotFoundError, registry.RegistryError) as err:
+        raise FieldError(front.variant_field, f"{front.variant_field}: {err}") from None
 
 
 def resolve(ctx: Context, name: str, version: str | None) -> registry.VersionInfo:

@@ -80,6 +80,11 @@ class Job:
         return view
 
 
+class JobStoreUnavailable(RuntimeError):
+    """The job store did not answer (PostgreSQL down, SQLite locked past its busy timeout): a 503 over HTTP,
+    this request or poll fails with the reason in the log, and the process stays up."""
+
+
 class JobStore(Protocol):
     url: str  # the database's SQLAlchemy URL: a search job keeps its Optuna study there
 
@@ -118,6 +123,10 @@ class JobStore(Protocol):
         ...
 
     def cancel_requested(self, job_id: str) -> bool: ...
+
+    def prune_events(self, finished_before: float, types: tuple[str, ...]) -> int:
+        """Delete the events of these types of jobs that ended before `finished_before` (epoch seconds); how many."""
+        ...
 
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         """Re-queue running jobs whose lease ran out, and those `worker` held (it restarted): they resume.

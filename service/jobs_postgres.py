@@ -26,8 +26,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from finetune_core.errors import ConfigError
 
 from .job_record import (CANCELLED, CANCELLED_WHILE_DOWN, COLUMNS, EVENTS_PAGE, FAILED, LEASE_SECONDS, MAX_ATTEMPTS,
-                         PROGRESS_FIELDS, QUEUED, RECOVERED_REASON, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, encode,
-                         event_text, interrupted_error, job_from_row, terminal_event)
+                         PROGRESS_FIELDS, QUEUED, RECOVERED_REASON, RUNNING, STATES, SUCCEEDED, TERMINAL, Job,
+                         JobStoreUnavailable, encode, event_text, interrupted_error, job_from_row, terminal_event)
 
 # Connections one process holds at most: replicas x workers x this (plus the trainers') must stay
 # under the server's max_connections (100 by default).
@@ -199,6 +199,13 @@ class PostgresJobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = %s", (job_id,)).fetchone()
         return bool(row and row[0])
 
+    def prune_events(self, finished_before: float, types: tuple[str, ...]) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                "DELETE FROM events WHERE (event::jsonb ->> 'type') = ANY(%s) AND job_id IN "
+                "(SELECT id FROM jobs WHERE status = ANY(%s) AND finished_at < %s)",
+                (list(types), list(TERMINAL), finished_before)).rowcount
+
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         recovered = []
         with self._transaction() as db:
@@ -238,10 +245,6 @@ class PostgresJobStore:
         except (OperationalError, PoolTimeout) as err:
             raise JobStoreUnavailable(f"the job store's database {self.where} is unavailable ({err}); "
                                       f"check that PostgreSQL is up and {self.setting} points at it") from err
-
-
-class JobStoreUnavailable(RuntimeError):
-    """The database did not answer: this request or poll fails with the reason in the log; the process stays up."""
 
 
 def _insert_event(db: Connection, job_id: str, event: dict) -> int:

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .job_record import (CANCELLED, CANCELLED_WHILE_DOWN, COLUMNS, EVENTS_PAGE, FAILED, LEASE_SECONDS, MAX_ATTEMPTS,
-                         PROGRESS_FIELDS, QUEUED, RECOVERED_REASON, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, encode,
-                         event_text, interrupted_error, job_from_row, terminal_event)
+                         PROGRESS_FIELDS, QUEUED, RECOVERED_REASON, RUNNING, STATES, SUCCEEDED, TERMINAL, Job,
+                         JobStoreUnavailable, encode, event_text, interrupted_error, job_from_row, terminal_event)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -177,6 +177,14 @@ class SqliteJobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
+    def prune_events(self, finished_before: float, types: tuple[str, ...]) -> int:
+        kinds, ended = ", ".join("?" * len(types)), ", ".join("?" * len(TERMINAL))
+        with self._connect() as db:
+            return db.execute(
+                f"DELETE FROM events WHERE json_extract(event, '$.type') IN ({kinds}) AND job_id IN "
+                f"(SELECT id FROM jobs WHERE status IN ({ended}) AND finished_at < ?)",
+                (*types, *TERMINAL, finished_before)).rowcount
+
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         recovered = []
         with self._connect() as db:
@@ -219,9 +227,12 @@ class SqliteJobStore:
             yield tx
             if tx.open:
                 db.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             if tx.open:
                 db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise JobStoreUnavailable(f"the job store '{self.path}' stayed locked by another process for "
+                                          f"{self.busy_timeout_seconds:g} s ({err}); try again") from err
             raise
         finally:
             db.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from finetune_core import registry
+
 from .jobs import STATES
 
 MAX_MODEL_LABELS = 50
@@ -23,6 +25,7 @@ class Metrics:
     prediction_batch: object  # Histogram: inputs per request
     inference_batch: object  # Histogram: texts per inference batch (concurrent requests merged)
     model_load: object  # Histogram: seconds to load a predictor
+    model_load_failures: object  # Counter: model, version, reason (integrity | not_found | error)
     models_loaded: object  # Gauge
     jobs: object  # Gauge: state
     job_duration: object  # Histogram: outcome
@@ -33,6 +36,7 @@ class Metrics:
     image_decode_failures: object  # Counter: reason (base64 | too_large | undecodable | tensor)
     image_decode_seconds: object  # Histogram: decoding and preprocessing one request's images
     image_bytes: object  # Histogram: size of one encoded image received
+    requests_shed: object  # Counter: route (predict | v2_infer), answered 429 by service.shedding
 
     def __post_init__(self):
         self._models: set[str] = set()
@@ -47,6 +51,12 @@ class Metrics:
                 self._models.add(name)
                 return name
         return "other"
+
+    def load_failed(self, info: registry.VersionInfo, err: Exception) -> None:
+        """Count a predictor that did not load: a file failing its checksum is `integrity`."""
+        reason = ("integrity" if isinstance(err, registry.IntegrityError)
+                  else "not_found" if isinstance(err, registry.NotFoundError) else "error")
+        self.model_load_failures.labels(model=self.model_label(info.name), version=info.version, reason=reason).inc()
 
     def set_jobs(self, counts: dict[str, int]) -> None:
         for state in STATES:
@@ -69,6 +79,9 @@ def make_metrics() -> Metrics:
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
         model_load=Histogram("finetune_model_load_seconds", "Time to load a predictor",
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+        model_load_failures=Counter("finetune_model_load_failures",
+                                    "Predictors that failed to load, by model, version and reason",
+                                    ["model", "version", "reason"]),
         models_loaded=Gauge("finetune_models_loaded", "Predictors held in memory", multiprocess_mode="livesum"),
         jobs=Gauge("finetune_jobs", "Jobs in the store by state", ["state"], multiprocess_mode="mostrecent"),
         job_duration=Histogram("finetune_job_duration_seconds", "Wall time of a finished training job", ["outcome"],
@@ -89,4 +102,6 @@ def make_metrics() -> Metrics:
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)),
         image_bytes=Histogram("finetune_image_bytes", "Size of one encoded image received",
                               buckets=(1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)),
+        requests_shed=Counter("finetune_requests_shed", "Prediction requests answered 429 by the in-flight limit",
+                              ["route"]),
     )

@@ -40,7 +40,9 @@ async def read(request: Request, metrics: Metrics) -> tuple[PredictRequest, Inpu
 def parse(model: type[BaseModel], raw: bytes | dict):
     """A request model from JSON bytes or form fields; errors go to the 422 handler like FastAPI's own."""
     try:
-        return model.model_validate_json(raw) if isinstance(raw, bytes) else model.model_validate(raw)
+        if isinstance(raw, bytes):
+            return model.model_validate_json(raw)
+        return model.model_validate(raw, strict=False)  # form fields are text: top_k "3" is 3
     except ValidationError as err:
         raise RequestValidationError(err.errors()) from None
 

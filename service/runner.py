@@ -5,10 +5,12 @@ re-queues the jobs it held itself before a restart; on every poll it re-queues j
 out (their trainer died), so they resume from their last checkpoint wherever they are claimed next.
 It claims queued jobs one by one and runs `python -m service.train_job` for each, renewing the
 job's lease every third of it. When the child exits without recording an outcome (a crash, an
-out-of-memory kill) the job fails with the reason; a job whose cancel was asked for (through any
+out-of-memory kill) the job fails with the reason, unless the child had registered its version
+already: then it succeeded (service.train_job says why); a job whose cancel was asked for (through any
 API replica) but does not stop within the grace period is killed; a job whose lease this trainer
 lost (it could not reach the database for a whole lease) is stopped here, since another trainer
-has it now.
+has it now. Between jobs, at start and then hourly, it deletes what FINETUNE_SERVE_RETENTION_DAYS
+lets go (service.retention).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune_core.isolated import exit_reason
+from service import retention
 from service.job_record import CANCELLED, FAILED, LEASE_SECONDS, MAX_ATTEMPTS, RUNNING, TERMINAL, Job, JobStore
+from service.settings import settings
+from service.train_job import finish_registered, registered_version
 
 log = logging.getLogger("service.runner")
 
@@ -37,7 +42,8 @@ TERMINATE_GRACE_SECONDS = 5.0
 class Runner:
     def __init__(self, store: JobStore, *, worker: str, lease_seconds: float = LEASE_SECONDS, poll_seconds: float = 1.0,
                  cancel_grace_seconds: float = CANCEL_GRACE_SECONDS, max_attempts: int = MAX_ATTEMPTS,
-                 on_tick: Callable[[], None] = lambda: None, on_finished: Callable[[Job], None] = lambda job: None):
+                 on_tick: Callable[[], None] = lambda: None, on_finished: Callable[[Job], None] = lambda job: None,
+                 retention_days: float | None = None, retention_every_seconds: float = retention.SWEEP_EVERY_SECONDS):
         self.store = store
         self.worker = worker
         self.lease_seconds = lease_seconds
@@ -46,6 +52,10 @@ class Runner:
         self.max_attempts = max_attempts
         self.on_tick = on_tick
         self.on_finished = on_finished
+        # None: the service's setting (its Trainer passes none); a test gives its own.
+        self.retention_days = settings().retention_days if retention_days is None else retention_days
+        self.retention_every_seconds = retention_every_seconds
+        self._next_sweep = 0.0  # the first poll sweeps: at start
         self.current: Job | None = None
         self._child: subprocess.Popen | None = None
         self._wake = threading.Event()
@@ -87,6 +97,7 @@ class Runner:
         while not self._stopping.is_set():
             try:
                 self.on_tick()
+                self._sweep_when_due()
                 lapsed = self.store.recover(self.max_attempts)
                 if lapsed:
                     log.warning("re-queued %d job(s) whose trainer's lease ran out: %s", len(lapsed), ", ".join(lapsed))
@@ -146,6 +157,11 @@ class Runner:
             self._child = None
             self.current = None
 
+    def _sweep_when_due(self) -> None:
+        if self.retention_days and time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.retention_every_seconds
+            retention.sweep(self.store, self.retention_days)
+
     def _recorded_outcome(self, job: Job) -> bool:
         now = self.store.get(job.id)
         return now is not None and now.attempt == job.attempt and now.status in TERMINAL
@@ -158,9 +174,14 @@ class Runner:
             log.exception("%s: could not release its lease; another trainer takes it when the lease runs out", job.id)
 
     def _settle(self, job: Job, returncode: int) -> None:
-        """A child that exited with the job still running did not finish it: record why."""
+        """A child that exited with the job still running did not record its outcome: find it, or record why."""
         now = self.store.get(job.id)
         if now is None or now.status != RUNNING or now.attempt != job.attempt:
+            return
+        registered = registered_version(now)
+        if registered is not None:  # its version is served: whatever stopped the process, the job succeeded
+            ended = "was stopped for the cancel" if now.cancel_requested else f"ended ({exit_reason(returncode)})"
+            finish_registered(self.store, now, registered, f"the training process {ended} after registering {registered.ref}")
             return
         if now.cancel_requested:
             self.store.finish(job.id, job.attempt, CANCELLED, error=None)

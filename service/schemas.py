@@ -25,6 +25,7 @@ from finetune_core.registry import validate_name
 from finetune_core.search_space import PRUNERS, SAMPLERS, search_spec_from_dict
 
 from .errors import FieldError
+from .settings import env_name
 
 # Inputs (texts or images) one /predict call may carry; more is a 413.
 MAX_PREDICT_INPUTS = 256
@@ -38,7 +39,8 @@ DEFAULT_VARIANTS = ["onnx", "int8"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of the schema's type only (no `true` for 1, no "3" for 3), as the published schema says
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(Strict):
@@ -96,6 +98,8 @@ class DistillRequest(Strict):
     temperature: float | None = Field(None, description="softens teacher and student distributions in the KL term")
     student_layers: list[int] | None = Field(None, description="text: the teacher's encoder layers the student keeps, "
                                                                "e.g. [1, 3, 5]; default every other one, the last kept")
+    hidden_weight: float | None = Field(None, description="text: weight of matching the kept layers' hidden states "
+                                                          "to the teacher's (0: off)")
     student: str | None = Field(None, description="text: a local model folder using the teacher's tokenizer, instead "
                                                   "of dropping layers")
     image_size: int | None = Field(None, description="images: the student's input in pixels; 0: the teacher's")
@@ -122,7 +126,8 @@ class DistillVersionRequest(Strict):
 class FinetuneRequest(Strict):
     task: Literal[TASKS] = "text-classification"
     base_model: str = Field("default", description='"default" (bundled MiniLM for text, EfficientNet-Lite0 for images), '
-                                                   "a local folder, a hub id or a timm model name")
+                                                   "a bundled model's name, or one the operator lists in "
+                                                   f"{env_name('base_models')} (service/base_models.py)")
     train: str = Field(description="a dataset id from POST /datasets (a table for text tasks, a zip of images for image tasks)")
     validation: str | None = None
     test: str | None = None

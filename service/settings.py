@@ -29,6 +29,12 @@ class Settings(BaseSettings):
                                                        "the core); one folder every API replica and trainer shares")
     cache: str = Field("~/.cache/finetune-serve", description="where the bundled MiniLM is unpacked (read by the core)")
     api_key: SecretStr | None = Field(None, description="the API key, see Authentication; unset: the API is open")
+    allow_no_auth: bool = Field(False, description="let a server without `FINETUNE_SERVE_API_KEY` listen on an address "
+                                                   "other than loopback (`bentoml serve --host 0.0.0.0`, BentoML's "
+                                                   "default); unset, such a server refuses to start")
+    base_models: str | None = Field(None, description="base models `POST /finetune` accepts beside `default` and the "
+                                                      "bundled models' names: comma-separated hub ids or folders of this "
+                                                      "server; unset: those alone (the CLI takes any)")
     max_upload_mb: float = Field(100, gt=0, le=1 << 20, description="upload size limit (413 above it)")
     max_extracted_mb: float = Field(2048, gt=0, le=1 << 20, description="most an uploaded zip may expand to (422 above it)")
     max_zip_entries: int = Field(100_000, ge=1, le=10_000_000, description="most entries an uploaded zip may hold")
@@ -45,6 +51,13 @@ class Settings(BaseSettings):
                                                            "(0: one per core)")
     ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (off: spinning threads took the "
                                                   "CPU the HTTP loop needed)")
+    # Overload (service.shedding; bench/load): 64 in flight at ~250 req/s is ~0.25 s of work queued per worker.
+    max_inflight: int = Field(64, ge=1, le=100_000, description="`/predict` and V2 infer requests one API worker "
+                                                                "serves at once; one more waits (below), then is "
+                                                                "answered 429 with `Retry-After`")
+    max_queue_ms: float = Field(100, ge=0, le=60_000, description="how long a prediction request over "
+                                                                  "`FINETUNE_SERVE_MAX_INFLIGHT` waits for a slot "
+                                                                  "before its 429")
     train_nice: int = Field(10, ge=0, le=19, description="niceness of the training child process, so training does "
                                                          "not starve `/predict`")
     image_workers: int = Field(0, ge=0, le=256, description="image decoding processes beside training (read by the core)")
@@ -66,6 +79,11 @@ class Settings(BaseSettings):
                                                                     "another trainer resumes it from its checkpoint")
     trainer_devices: int = Field(1, ge=1, le=64, description="GPUs each trainer asks for (BentoML `resources`); a job "
                                                              "trains on one of them today")
+    retention_days: float = Field(0, ge=0, le=36_500, description="what trainers delete, at start and hourly (service."
+                                                                  "retention): the checkpoints and step events of jobs "
+                                                                  "finished this many days ago, and uploads this old "
+                                                                  "that no queued or running job uses; 0: keep "
+                                                                  "everything")
 
     @field_validator("database_url")
     @classmethod
@@ -80,6 +98,16 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError("not an HTTP URL")
         return url.rstrip("/") if url else url
+
+    @property
+    def base_model_names(self) -> tuple[str, ...]:
+        """FINETUNE_SERVE_BASE_MODELS as names, blanks dropped."""
+        return tuple(name.strip() for name in (self.base_models or "").split(",") if name.strip())
+
+    @property
+    def has_api_key(self) -> bool:
+        """A key is set and not empty (an empty one leaves the API open, service.guard)."""
+        return bool(self.api_key and self.api_key.get_secret_value())
 
     @property
     def max_upload_bytes(self) -> int:

@@ -7,6 +7,14 @@ exports, proves and registers the model, and writes progress, events and the out
 store. A job with "distill_from" distils an existing version into a new one instead. Events and
 metrics say the phase ("teacher", "distill") when there is more than one. It dies with the trainer
 that started it.
+
+Registering the version is the point of no return. A cancel seen before the export starts is
+honoured and nothing is registered; one that comes during the export either kills the process
+before the version is registered (the job ends cancelled) or comes too late: a registered version
+always ends its job succeeded, with a `cancel_too_late` event. A process that died after
+registering (killed for its cancel, or its trainer gone) leaves the version in the registry
+(its manifest names this job's run folder): the runner, or the job's next attempt, finds it there
+and records the success instead of a cancel, a failure or a second training.
 """
 
 from __future__ import annotations
@@ -138,6 +146,10 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
     run_dir = run_dir_of(job_id)
     progress = Progress(store, job_id, attempt)
     try:
+        earlier = registered_version(job) if attempt > 1 else None
+        if earlier is not None:
+            return finish_registered(store, job, earlier, f"attempt {attempt - 1} registered {earlier.ref} and stopped "
+                                                          "before recording it; nothing is trained again")
         if "distill_from" in job.spec:
             return _distil_version(store, job, run_dir, progress)
         distil = "distill" in job.spec
@@ -156,6 +168,9 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
                 store.finish(job_id, attempt, CANCELLED, metrics={"train": metrics["train"], "distillation": distilled["train"]})
                 return CANCELLED
             student = run_dir / "distill" / "model"
+        if store.cancel_requested(job_id):  # the last moment a cancel stops the job with nothing registered
+            store.finish(job_id, attempt, CANCELLED, metrics={"train": _scalars(metrics["train"])})
+            return CANCELLED
         progress({"type": "exporting", "variants": job.spec["variants"]})
         info = export_version(model_dir, job.spec["model_name"], job.spec["variants"], student=student,
                               distill_gate=job.spec["distill"]["distill_gate"] if distil else DISTILL_GATE_POINTS)
@@ -178,10 +193,46 @@ def _succeed(store: JobStore, job: Job, summary: dict, distilled: dict | None, i
         summary["distillation"] = {"validation": _scalars(distilled["validation"]),
                                    "teacher_validation": _scalars(distilled["teacher"]["validation"]),
                                    "train": _scalars(distilled["train"])}
-    summary["variants"] = {v: {"accepted": record.accepted, "reason": record.reason}
-                           for v, record in info.manifest.variants.items()}
+    summary["variants"] = _verdicts(info)
+    if store.cancel_requested(job.id):
+        store.update(job.id, job.attempt, event=_too_late(info))
     store.finish(job.id, job.attempt, SUCCEEDED, metrics=summary, model={"name": info.name, "version": info.version})
     return SUCCEEDED
+
+
+def registered_version(job: Job):
+    """The version this job's run registered, if a process of it got that far: the one whose manifest names the
+    run folder (a search's: its best trial's). A job distilling a registered version cannot be told apart this way."""
+    from finetune_core.registry import registered_from
+
+    if "distill_from" in job.spec or "model_name" not in job.spec:
+        return None
+    run_dir = run_dir_of(job.id)
+    return registered_from(job.spec["model_name"], run_dir / "best" if "search" in job.spec else run_dir)
+
+
+def finish_registered(store: JobStore, job: Job, info, what_happened: str) -> str:
+    """Record success for a version registered by a process that stopped before recording it (`job`: as stored now)."""
+    path = run_dir_of(job.id) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    summary = {role: _scalars(m) for role, m in metrics.items() if isinstance(m, dict) and role != "search"}
+    summary["variants"] = _verdicts(info)
+    if job.cancel_requested:
+        event = {**_too_late(info), "reason": f"the cancel came too late: {what_happened}"}
+    else:
+        event = {"type": "registered_earlier", "version": info.version, "reason": what_happened}
+    store.update(job.id, job.attempt, event=event)
+    store.finish(job.id, job.attempt, SUCCEEDED, metrics=summary, model={"name": info.name, "version": info.version})
+    return SUCCEEDED
+
+
+def _verdicts(info) -> dict:
+    return {v: {"accepted": record.accepted, "reason": record.reason} for v, record in info.manifest.variants.items()}
+
+
+def _too_late(info) -> dict:
+    return {"type": "cancel_too_late", "version": info.version,
+            "reason": f"the cancel came after {info.ref} was registered; the job keeps it and ends succeeded"}
 
 
 def _distil(job: Job, teacher_run: Path, output: Path, progress: Progress) -> dict:

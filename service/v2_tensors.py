@@ -55,7 +55,7 @@ def split_body(raw: bytes, headers) -> tuple[dict, bytes]:
         length_n = int(length)
     try:
         body = json.loads(raw[:length_n])
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: arrays nested past Python's limit
         raise HTTPError(400, f"body: not valid JSON ({err}); send an inference request object "
                            '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [N], "data": [...]}]}') from None
     if not isinstance(body, dict):
@@ -108,7 +108,7 @@ def _texts(tensor: dict, binary: bytes) -> list[str]:
     if "binary_data_size" in _parameters(tensor, "inputs[0].parameters"):
         elements = [_decode_utf8(e) for e in _bytes_elements(binary)]
     else:
-        elements = _flatten(tensor["data"], MAX_DATA_DEPTH)
+        elements = [_encodable(text) for text in _flatten(tensor["data"], MAX_DATA_DEPTH)]
     _check_elements(tensor["shape"], len(elements), "texts")
     return elements
 
@@ -203,6 +203,16 @@ def _bytes_elements(buffer: bytes) -> list[bytes]:
         elements.append(buffer[offset : offset + size])
         offset += size
     return elements
+
+
+def _encodable(text: str) -> str:
+    """A JSON text the tokenizer can take: JSON may escape a lone surrogate (\\udcff), which is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise HTTPError(400, f"inputs[0].data: a text holds a lone surrogate at character {err.start}; send valid "
+                             "Unicode") from None
+    return text
 
 
 def _decode_utf8(element: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,7 +39,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         home_env = {"FINETUNE_SERVE_HOME": str(home)} if home is not None else {}
-        self.env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", **home_env, **(env or {}))
+        # Its own BentoML home: every `bentoml serve` empties its home's prometheus_multiproc_dir at start, so
+        # servers sharing one (tests run side by side) would wipe each other's metrics.
+        bentoml_home = {"BENTOML_HOME": str(log.parent / f"bentoml-home-{self.port}")}
+        self.env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", **bentoml_home, **home_env, **(env or {}))
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
@@ -109,6 +114,17 @@ def serve_toy_model(folder: Path, tiny_base: Path, env: dict | None = None) -> S
         patch.setenv("FINETUNE_SERVE_HOME", str(folder / "home"))
         export_version(make_run(tiny_base, folder / "run"), "toy", variants=["onnx"])
     return Server(folder / "home", folder / "server.log", env=env).start()
+
+
+@contextlib.contextmanager
+def tiny_base_client(home: Path, tiny_base: Path, timeout: float = 60) -> Iterator[httpx.Client]:
+    """`make run`'s server on `home`, the tiny base model on its list of base models, and a client of it."""
+    server = Server(home, home.parent / "server.log", env={"FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=timeout) as client:
+            yield client
+    finally:
+        server.kill()
 
 
 def descendants(pid: int) -> list[int]:

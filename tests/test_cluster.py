@@ -47,7 +47,7 @@ def test_two_apis_and_two_trainers_share_postgres_and_one_folder(tmp_path, tiny_
     monkeypatch.setenv("FINETUNE_SERVE_HOME", str(home))
     export_version(make_run(tiny_base, tmp_path / "toy-run"), "toy", variants=["onnx"])  # served before any training
     pod_env = {"FINETUNE_SERVE_HOME": str(home), "FINETUNE_SERVE_DATABASE_URL": url,
-              "FINETUNE_SERVE_JOB_LEASE_SECONDS": str(LEASE_SECONDS)}
+              "FINETUNE_SERVE_JOB_LEASE_SECONDS": str(LEASE_SECONDS), "FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}
     trainer_a = as_pod("service.bento:Trainer", "trainer-a", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-a"})
     trainer_b = as_pod("service.bento:Trainer", "trainer-b", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-b"})
     trainer_c = as_pod("service.bento:Trainer", "trainer-c", tmp_path, {**pod_env, "FINETUNE_SERVE_TRAINER_NAME": "trainer-c"})

@@ -21,10 +21,11 @@ UPLOAD_LIMIT_MB = 0.1
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_base):
     folder = tmp_path_factory.mktemp("service")
     running = Server(folder / "home", folder / "server.log",
-                     env={"FINETUNE_SERVE_API_KEY": KEY, "FINETUNE_SERVE_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB)}).start()
+                     env={"FINETUNE_SERVE_API_KEY": KEY, "FINETUNE_SERVE_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB),
+                          "FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}).start()
     yield running
     running.kill()
 

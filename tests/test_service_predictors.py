@@ -90,3 +90,53 @@ def test_unknown_and_ambiguous_models(tmp_path):
         predictors.get("ghost", None, None)
     with pytest.raises(ConfigError):
         predictors.get("a", "3", None)
+
+
+def test_a_new_production_that_fails_to_load_leaves_the_old_one_serving(tmp_path):
+    now = [0.0]
+    failures = []
+
+    def load(info, variant):
+        if info.version == "v2":
+            raise registry.IntegrityError(f"{info.ref}: 'model.onnx' does not match its manifest")
+        return FakePredictor(info.version)
+
+    predictors = Predictors(load=load, on_failure=lambda info, err: failures.append(info.version), clock=lambda: now[0])
+    _register(tmp_path, "m")
+    registry.promote("m", "v1")
+    assert predictors.get("m", "production", None)[1].version == "v1"
+    _register(tmp_path, "m")
+    registry.promote("m", "v2")
+    now[0] += 2  # past RESOLVE_SECONDS: the promotion is seen
+    deadline = time.monotonic() + 10
+    while not failures:  # the background load of v2 fails
+        assert predictors.get("m", "production", None)[1].version == "v1"
+        assert time.monotonic() < deadline, "v2's load never failed"
+        time.sleep(0.05)
+    for _ in range(5):  # production stays on v1, and the load is not retried per request
+        assert predictors.get("m", "production", None)[1].version == "v1"
+    time.sleep(0.2)
+    assert failures == ["v2"]
+    with pytest.raises(registry.IntegrityError, match="does not match its manifest"):
+        predictors.get("m", "v2", None)
+    assert failures == ["v2", "v2"]
+
+
+def test_a_fresh_worker_serves_the_previous_production_when_production_is_damaged(tmp_path):
+    def load(info, variant):
+        if info.version == "v2":
+            raise registry.IntegrityError(f"{info.ref}: 'model.onnx' does not match its manifest")
+        return FakePredictor(info.version)
+
+    _register(tmp_path, "m")
+    _register(tmp_path, "m")
+    registry.promote("m", "v1")
+    registry.promote("m", "v2")
+    predictors = Predictors(load=load)
+    for ref in ("production", None):
+        info, predictor = predictors.get("m", ref, None)
+        assert (info.version, predictor.version) == ("v1", "v1")
+    with pytest.raises(registry.IntegrityError):
+        predictors.get("m", "v2", None)
+    with pytest.raises(registry.IntegrityError):  # latest is no production: nothing to fall back to
+        predictors.get("m", "latest", None)

@@ -19,7 +19,8 @@ CHECKPOINT_EVERY = 5
 
 def test_sigkill_during_a_job_then_restart_resumes_it_and_runs_the_queue(tmp_path, tiny_base):
     home = tmp_path / "home"
-    first = Server(home, tmp_path / "first.log").start()
+    allowed = {"FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}  # POST /finetune takes listed base models alone
+    first = Server(home, tmp_path / "first.log", env=allowed).start()
     try:
         with httpx.Client(base_url=first.url, timeout=60) as client:
             train = upload(client, toy_rows(240))
@@ -42,7 +43,7 @@ def test_sigkill_during_a_job_then_restart_resumes_it_and_runs_the_queue(tmp_pat
     store = SqliteJobStore(home / "jobs.sqlite3")  # what a crash leaves: one job running, one queued
     assert store.get(long_id).status == "running" and store.get(queued_id).status == "queued"
 
-    second = Server(home, tmp_path / "second.log").start()
+    second = Server(home, tmp_path / "second.log", env=allowed).start()
     try:
         with httpx.Client(base_url=second.url, timeout=60) as client:
             resumed = wait_for_job(client, long_id, timeout=240)

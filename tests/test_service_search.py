@@ -21,7 +21,8 @@ pytestmark = pytest.mark.process  # starts (and kills) a real server
 
 
 def test_search_job_over_rest_survives_a_server_sigkill(tmp_path, tiny_base):
-    first = Server(tmp_path / "home", tmp_path / "first.log").start()
+    allowed = {"FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}  # POST /finetune takes listed base models alone
+    first = Server(tmp_path / "home", tmp_path / "first.log", env=allowed).start()
     try:
         with httpx.Client(base_url=first.url, timeout=60) as client:
             ids = {role: upload(client, rows, name=f"{role}.jsonl")["id"] for role, rows in
@@ -49,7 +50,7 @@ def test_search_job_over_rest_survives_a_server_sigkill(tmp_path, tiny_base):
     finally:
         first.kill(signal.SIGKILL)
 
-    server = Server(tmp_path / "home", tmp_path / "second.log").start()
+    server = Server(tmp_path / "home", tmp_path / "second.log", env=allowed).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             job = wait_for_job(client, job_id, timeout=300)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from .. import datasets
-from ..context import context
+from ..base_models import allowed_base_model, allowed_student
+from ..context import Context, context
 from ..errors import FieldError, HTTPError
 from ..jobs import STATES, TERMINAL, Job, JobStore
 from ..schemas import FinetuneRequest, job_spec
@@ -27,6 +29,16 @@ SEARCH_ARTIFACTS = ("optimization_history.png", "param_importances.png")
 @router.post("/finetune", status_code=202)
 async def finetune(body: FinetuneRequest, request: Request) -> dict:
     ctx = context(request)
+    body.base_model = allowed_base_model(body.base_model, body.task)  # never a folder the caller picks
+    if body.distillation:
+        body.distillation.student = allowed_student(body.distillation.student)
+    # The dataset records and the job store (SQLite waits up to 30 s for a lock) block: in a thread.
+    job = await run_in_threadpool(_queue, ctx, body)
+    await ctx.wake_trainer()
+    return {"id": job.id, "status": job.status}
+
+
+def _queue(ctx: Context, body: FinetuneRequest) -> Job:
     found = {role: datasets.lookup(getattr(body, role), role)
              for role in ("train", "validation", "test") if getattr(body, role) is not None}
     for role, stored in found.items():
@@ -37,8 +49,7 @@ async def finetune(body: FinetuneRequest, request: Request) -> dict:
     distill_data = str(datasets.lookup(extra, "distillation.distill_data").path) if extra is not None else None
     job = ctx.store.create(job_spec(body, paths, _image_list_defaults(list(found.values())), distill_data))
     ctx.metrics.set_jobs(ctx.store.counts())
-    await ctx.wake_trainer()
-    return {"id": job.id, "status": job.status}
+    return job
 
 
 def _check_kind(field: str, stored: datasets.Stored, task: str) -> None:
@@ -73,8 +84,13 @@ def get_job(job_id: str, request: Request) -> dict:
     return _job(context(request).store, job_id).public()
 
 
+# The largest event number the stores hold (SQLite INTEGER, PostgreSQL BIGINT): a larger `after` was a 500.
+MAX_SEQ = (1 << 63) - 1
+
+
 @router.get("/jobs/{job_id}/events")
-def job_events(job_id: str, request: Request, after: int = Query(0, ge=0), limit: int = Query(500, ge=1, le=500)) -> dict:
+def job_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX_SEQ),
+               limit: int = Query(500, ge=1, le=500)) -> dict:
     store = context(request).store
     _job(store, job_id)
     events = [{"seq": seq, **event} for seq, event in store.events(job_id, after, limit)]

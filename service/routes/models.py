@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 
 from finetune_core import registry
 from finetune_core.errors import ConfigError
 
 from .. import datasets
-from ..context import context
+from ..base_models import allowed_student
+from ..context import Context, context
 from ..errors import FieldError
+from ..jobs import Job
 from ..schemas import DistillVersionRequest, PromoteRequest, distill_spec
 
 router = APIRouter(tags=["models"])
@@ -36,6 +39,14 @@ async def distill_version(name: str, version: str, body: DistillVersionRequest, 
     """Queue a job that distils NAME:VERSION into a smaller student, registered as a new version with the
     teacher, its variants and `distilled` / `distilled-int8` (GET /jobs/{id} follows it)."""
     ctx = context(request)
+    body.distillation.student = allowed_student(body.distillation.student)  # never a folder the caller picks
+    # The registry, the dataset records and the job store (SQLite waits up to 30 s for a lock) block: in a thread.
+    job = await run_in_threadpool(_queue_distillation, ctx, name, version, body)
+    await ctx.wake_trainer()
+    return {"id": job.id, "status": job.status}
+
+
+def _queue_distillation(ctx: Context, name: str, version: str, body: DistillVersionRequest) -> Job:
     try:
         registry.parse_ref(f"{name}:{version}")
     except ConfigError as err:
@@ -47,5 +58,4 @@ async def distill_version(name: str, version: str, body: DistillVersionRequest, 
     distill_data = str(datasets.lookup(extra, "distillation.distill_data").path) if extra is not None else None
     job = ctx.store.create(distill_spec(info.name, info.version, body, paths, distill_data))
     ctx.metrics.set_jobs(ctx.store.counts())
-    await ctx.wake_trainer()
-    return {"id": job.id, "status": job.status}
+    return job

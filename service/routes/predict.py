@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from .. import datasets, inference, predict_inputs
 from ..context import context
 from ..errors import FieldError
-from ..evaluation import evaluate_file, evaluate_images
+from ..evaluation import evaluate_dataset
 from ..schemas import EvaluateRequest, PredictRequest
 
 router = APIRouter(tags=["predict"])
@@ -36,7 +36,7 @@ async def predict(request: Request) -> dict:
 
 @router.post("/evaluate")
 async def evaluate(body: EvaluateRequest, request: Request) -> dict:
-    stored = datasets.lookup(body.data, "data")
+    stored = await run_in_threadpool(datasets.lookup, body.data, "data")
     served = await inference.load(context(request), REST, inference.Target(body.model, body.version, body.variant))
     info, predictor = served.info, served.predictor
     if predictor.meta.is_image != (stored.kind in datasets.IMAGE_KINDS):
@@ -44,11 +44,6 @@ async def evaluate(body: EvaluateRequest, request: Request) -> dict:
         wants = "a zip of images" if predictor.meta.is_image else "a table (JSONL, CSV, TSV, Parquet)"
         raise FieldError("data", f"data: '{body.data}' is {'a table' if stored.kind == datasets.TABLE else 'an image dataset'}; "
                                  f"{info.ref} is {model} ({predictor.meta.task}) and is evaluated on {wants}")
-    if predictor.meta.is_image:
-        figures = await run_in_threadpool(evaluate_images, predictor, stored.held_out("test"),
-                                          stored.column("image_column", body.image_column),
-                                          stored.column("label_column", body.label_column), stored.folder, body.data)
-    else:
-        figures = await run_in_threadpool(evaluate_file, predictor, stored.path, body.text_column,
-                                          body.label_column or "label", body.data)
+    figures = await run_in_threadpool(evaluate_dataset, info, predictor, stored, body.text_column, body.image_column,
+                                      body.label_column)
     return {"model": {"name": info.name, "version": info.version}, "variant": predictor.variant, **figures}

@@ -18,6 +18,8 @@ says 422), 404 for an unknown model or version, 413 for too many inputs or an im
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -125,8 +127,10 @@ def _metadata(info: registry.VersionInfo) -> dict:
     }
 
 
-def _error(err: HTTPError | FinetuneError) -> JSONResponse:
-    """V2's error body; a value the service cannot use is V2's 400 where REST says 422."""
+def _error(err: HTTPError | FinetuneError) -> Response:
+    """V2's error body; a value the service cannot use is V2's 400 where REST says 422. Escaped JSON: the message
+    may quote a request's lone surrogate (JSON's `\\udcff`), which JSONResponse cannot encode."""
     status = err.status if isinstance(err, HTTPError) else status_of(err)
     message = err.message if isinstance(err, HTTPError) else str(err)
-    return JSONResponse({"error": message}, status_code=400 if status == 422 else status)
+    return Response(json.dumps({"error": message}), status_code=400 if status == 422 else status,
+                    media_type="application/json")
