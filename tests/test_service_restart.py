@@ -64,3 +64,50 @@ def test_sigkill_during_a_job_then_restart_resumes_it_and_runs_the_queue(tmp_pat
             assert [p["label"] for p in answer["predictions"]] == ["positive", "negative"]
     finally:
         second.kill(signal.SIGKILL)
+
+
+def _events(client: httpx.Client, job_id: str) -> list[dict]:
+    return client.get(f"/jobs/{job_id}/events", params={"limit": 500}).json()["events"]
+
+
+def test_sigkill_during_export_registers_one_whole_version_with_the_uninterrupted_runs_figures(tmp_path, tiny_base):
+    """Kill the server as the export starts: the restarted job exports again from its finished training, one
+    complete version is registered, and its figures are those of the same job run without a kill."""
+    home = tmp_path / "home"
+    allowed = {"FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}
+    variants = ["onnx", "int8", "torchscript"]  # an export of several seconds: time to kill it halfway
+    first = Server(home, tmp_path / "first.log", env=allowed).start()
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as client:
+            train = upload(client, toy_rows(240))
+            body = {**finetune_body(tiny_base, train["id"], model_name="killed"), "variants": variants}
+            job_id = client.post("/finetune", json=body).json()["id"]
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not any(e["type"] == "exporting" for e in _events(client, job_id)):
+                time.sleep(0.1)
+            assert any(e["type"] == "exporting" for e in _events(client, job_id)), "the export never started"
+        sigkill_server_alone(first)
+    finally:
+        first.kill(signal.SIGKILL)
+    store = SqliteJobStore(home / "jobs.sqlite3")
+    assert store.get(job_id).status == "running", "the export finished before the kill: nothing was tested"
+    assert not list((home / "models" / "killed").glob("v*")), "a version was registered before the kill"
+
+    second = Server(home, tmp_path / "second.log", env=allowed).start()
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as client:
+            resumed = wait_for_job(client, job_id, timeout=240)
+            assert resumed["status"] == "succeeded" and resumed["attempt"] == 2, resumed
+            assert resumed["model"] == {"name": "killed", "version": "v1"}
+            versions = client.get("/models/killed").json()["versions"]
+            assert [v["version"] for v in versions] == ["v1"]  # one version, whole: every file checks out
+            assert all(v["integrity"] == "ok" for v in versions)
+            straight_body = {**body, "model_name": "straight"}
+            straight = wait_for_job(client, client.post("/finetune", json=straight_body).json()["id"], timeout=240)
+            assert straight["status"] == "succeeded" and straight["attempt"] == 1
+            for role in ("validation", "test"):
+                for name, value in straight["metrics"].get(role, {}).items():
+                    assert resumed["metrics"][role][name] == pytest.approx(value, abs=1e-4), (role, name)
+            assert resumed["metrics"]["validation"]["accuracy"] >= 0.9
+    finally:
+        second.kill(signal.SIGKILL)
