@@ -4,6 +4,8 @@ labels alone, and the time it takes. Prints markdown tables (medians, ratios) an
     python bench/distill.py text                          # the full measurement: teacher = MiniLM fine-tuned
                                                           # by the defaults on all of SST-2 (67,349 rows)
     python bench/distill.py text --teacher-run DIR        # reuse a teacher run folder (RUN_DIR with model/, splits/)
+    python bench/distill.py text --teacher-run DIR/teacher --work DIR --speed-only --seeds 0
+                                                          # time again what a run left in DIR (its work folder)
     python bench/distill.py text --train-rows 2000 --compare-rows 2000 --compare-epochs 1 --seeds 1 --seconds 0.5
                                                           # a reduced run (minutes): bounded teacher and comparison
     python bench/distill.py text --teacher-run DIR --sweep-only --sweep 0.5:2,0.9:2,0.5:4:3e-4,0.5:4:0:1
@@ -15,7 +17,8 @@ labels alone, and the time it takes. Prints markdown tables (medians, ratios) an
 
 Text. Teacher and student are scored on the 872 SST-2 dev rows (the teacher's validation split). Speed:
 batches of real dev text joined to exactly --length tokens (no padding), at batch 1 and 32, each cell
-timed for about --seconds after a warm-up; the teacher's variants are the registered ones (eager fp32,
+timed for about --seconds after a warm-up in each of --rounds rounds over all cells (so a slow moment of
+the machine falls on every variant, not on one), its median over all rounds; the teacher's variants are the registered ones (eager fp32,
 ONNX int8) and the student's `distilled` (ONNX fp32), `distilled-int8` and its eager fp32 form. The
 comparison trains the same student (same rows, epochs and steps, early stopping off, best dev
 checkpoint kept) with the distillation loss and with alpha 0 and no hidden-state term (labels alone), over
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--students", default="160:all,224:1-2-2-3-2-2-1,192:1-2-2-3-2-2-1",
                         help="images: size:blocks per stage, comma-separated")
     parser.add_argument("--length", type=int, default=128, help="text: tokens per row in the speed cells")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per speed cell")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per speed cell and round")
+    parser.add_argument("--rounds", type=int, default=3, help="text: rounds over all speed cells, interleaved")
+    parser.add_argument("--speed-only", action="store_true", help="text: only the speed cells (and --seeds), of the "
+                        "student and version a run left in --work")
     parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -108,21 +114,19 @@ def text_bench(args: argparse.Namespace, work: Path) -> None:
     if args.sweep_only:
         sweep(teacher_run, work, dcfg, args.sweep, args.compare_rows, args.compare_epochs, max(1, args.seeds))
         return
-    started = time.perf_counter()
-    metrics = distill_run(teacher_run, work / "student", dcfg)
-    distill_s = time.perf_counter() - started
-    started = time.perf_counter()
-    # Stored whatever its accuracy, so a student the gate would refuse is still timed; the verdict is printed.
-    info = export_version(teacher_run / "model", "sst2", ["int8", "distilled", "distilled-int8"],
-                          student=work / "student" / "model", distill_gate=100.0)
-    export_s = time.perf_counter() - started
+    if args.speed_only:
+        info, distill_s = registry.resolve("sst2", None), None
+    else:
+        started = time.perf_counter()
+        metrics = distill_run(teacher_run, work / "student", dcfg)
+        distill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        # Stored whatever its accuracy, so a student the gate would refuse is still timed; the verdict is printed.
+        info = export_version(teacher_run / "model", "sst2", ["int8", "distilled", "distilled-int8"],
+                              student=work / "student" / "model", distill_gate=100.0)
+        export_s = time.perf_counter() - started
+        report_distillation(metrics, dcfg, distill_s, export_s)
     records = info.manifest.variants
-    about = metrics["distillation"]
-    print(f"\n## Text distillation ({about['rows']['used']} rows x {dcfg.epochs} epochs at most, alpha {dcfg.alpha}, "
-          f"T {dcfg.temperature}, hidden weight {about['hidden_weight']}, layers {about['student']['layers']} of "
-          f"{about['student']['of']})\n")
-    print(f"student: {metrics['train']['steps']} steps, {metrics['train']['status']}, {metrics['train']['samples_per_second']} "
-          f"rows/s; teacher outputs {about['teacher_outputs']}; distillation {distill_s:.0f} s, export {export_s:.0f} s")
     for name in ("distilled", "distilled-int8"):
         accepted, reason = export.accuracy_gate(records["pytorch"].figures, records[name].figures, dcfg.distill_gate,
                                                 "the teacher")
@@ -138,21 +142,55 @@ def text_bench(args: argparse.Namespace, work: Path) -> None:
     for name in ("distilled", "distilled-int8"):
         if records[name].accepted:
             predictors[name] = load_predictor(info, name, args.threads)
-    table = [dict(time_text(p, rows, batch, args.length, args.seconds), variant=name)
-             for name, p in predictors.items() for batch in (1, 32)]
+    samples: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for name, predictor in predictors.items():
+            for batch in (1, 32):
+                samples.setdefault((name, batch), []).extend(time_text(predictor, rows, batch, args.length, args.seconds))
+    table = [{"variant": name, "batch": batch, "median_ms": 1000 * statistics.median(found),
+              "p90_ms": 1000 * float(np.percentile(found, 90)), "per_s": batch / statistics.median(found)}
+             for (name, batch), found in samples.items()]
     cell = {(r["variant"], r["batch"]): r for r in table}
-    print(f"\n| variant | batch | median ms | p90 ms | seq/s | vs teacher eager fp32 | length {args.length} |")
+    print(f"\n| variant | batch | median ms | p90 ms | seq/s | vs teacher eager fp32 | length {args.length}, "
+          f"{args.rounds} rounds |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in table:
         ratio = r["per_s"] / cell[("teacher eager fp32", r["batch"])]["per_s"]
         print(f"| {r['variant']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['per_s']:.1f} | {ratio:.2f}x | |")
+    goals = text_goals(records, cell, args.length)
+    if distill_s is not None:
+        minutes = (distill_s + export_s) / 60
+        goals.append(("the whole distillation (distil + export) on this machine in < 20 minutes",
+                      f"{minutes:.1f} min ({metrics['distillation']['rows']['used']} rows, <= {dcfg.epochs} epochs)",
+                      minutes < GOALS["text_minutes"]))
+    if args.seeds:
+        kd, labels_only = compare_losses(teacher_run, work, dcfg, args.compare_rows, args.compare_epochs, args.seeds)
+        goals.append((f"distillation loss beats labels alone, same student and steps (mean of {args.seeds} seeds, "
+                      f"{args.compare_rows} rows x {args.compare_epochs} epochs)",
+                      f"{100 * statistics.mean(kd):.2f} vs {100 * statistics.mean(labels_only):.2f} "
+                      f"(seeds: {fmt(kd)} vs {fmt(labels_only)})", statistics.mean(kd) > statistics.mean(labels_only)))
+    if args.sweep:
+        sweep(teacher_run, work, dcfg, args.sweep, args.compare_rows, args.compare_epochs, max(1, args.seeds))
+    print_goals(goals)
 
+
+def report_distillation(metrics: dict, dcfg: DistillConfig, distill_s: float, export_s: float) -> None:
+    about = metrics["distillation"]
+    print(f"\n## Text distillation ({about['rows']['used']} rows x {dcfg.epochs} epochs at most, alpha {dcfg.alpha}, "
+          f"T {dcfg.temperature}, hidden weight {about['hidden_weight']}, layers {about['student']['layers']} of "
+          f"{about['student']['of']})\n")
+    print(f"student: {metrics['train']['steps']} steps, {metrics['train']['status']}, {metrics['train']['samples_per_second']} "
+          f"rows/s; teacher outputs {about['teacher_outputs']}; distillation {distill_s:.0f} s, export {export_s:.0f} s")
+
+
+def text_goals(records: dict, cell: dict, length: int) -> list[tuple]:
+    """The speed and accuracy goals from the version's records and the timed cells."""
     teacher_acc, student_acc = records["pytorch"].figures["accuracy"], records["distilled"].figures["accuracy"]
     goals = [("student within 1.5 points of the teacher (dev accuracy)",
               f"{100 * student_acc:.2f} vs {100 * teacher_acc:.2f} ({100 * (student_acc - teacher_acc):+.2f})",
               100 * (teacher_acc - student_acc) <= GOALS["text_points"])]
     speed = cell[("student eager fp32", 32)]["per_s"] / cell[("teacher eager fp32", 32)]["per_s"]
-    goals.append((f"student >= 1.8x the teacher's throughput, batch 32, length {args.length} (eager fp32 both)",
+    goals.append((f"student >= 1.8x the teacher's throughput, batch 32, length {length} (eager fp32 both)",
                   f"{speed:.2f}x", speed >= GOALS["text_speedup_b32"]))
     if ("distilled", 32) in cell:
         onnx = cell[("distilled", 32)]["per_s"] / cell[("teacher eager fp32", 32)]["per_s"]
@@ -165,18 +203,7 @@ def text_bench(args: argparse.Namespace, work: Path) -> None:
         goals.append(("distilled-int8 batch-1 latency < half the teacher's int8",
                       f"{cell[('distilled-int8', 1)]['median_ms']:.1f} vs {cell[('teacher int8', 1)]['median_ms']:.1f} ms "
                       f"({share:.2f})", share < GOALS["int8_latency_share"]))
-    minutes = (distill_s + export_s) / 60
-    goals.append(("the whole distillation (distil + export) on this machine in < 20 minutes",
-                  f"{minutes:.1f} min ({about['rows']['used']} rows, <= {dcfg.epochs} epochs)", minutes < GOALS["text_minutes"]))
-    if args.seeds:
-        kd, labels_only = compare_losses(teacher_run, work, dcfg, args.compare_rows, args.compare_epochs, args.seeds)
-        goals.append((f"distillation loss beats labels alone, same student and steps (mean of {args.seeds} seeds, "
-                      f"{args.compare_rows} rows x {args.compare_epochs} epochs)",
-                      f"{100 * statistics.mean(kd):.2f} vs {100 * statistics.mean(labels_only):.2f} "
-                      f"(seeds: {fmt(kd)} vs {fmt(labels_only)})", statistics.mean(kd) > statistics.mean(labels_only)))
-    if args.sweep:
-        sweep(teacher_run, work, dcfg, args.sweep, args.compare_rows, args.compare_epochs, max(1, args.seeds))
-    print_goals(goals)
+    return goals
 
 
 def unlabelled_text(sst2: Path, skip: int, rows: int, work: Path) -> Path:
@@ -248,14 +275,12 @@ def fixed_steps(teacher_run: Path, output: Path, dcfg: DistillConfig) -> float:
     return metrics["validation"]["accuracy"]
 
 
-def time_text(predictor: TextPredictor, rows: list[dict], batch: int, length: int, seconds: float) -> dict:
-    """Real dev sentences joined to exactly `length` tokens, `batch` rows: no padding."""
+def time_text(predictor: TextPredictor, rows: list[dict], batch: int, length: int, seconds: float) -> list[float]:
+    """Seconds per call on real dev sentences joined to exactly `length` tokens, `batch` rows: no padding."""
     text = " ".join(r["text"] for r in rows[:40])
     inputs = predictor.encode([text] * batch, max_length=length)
     assert inputs["input_ids"].shape == (batch, length)
-    found = timings(lambda: predictor.backend(inputs), seconds)
-    return {"batch": batch, "median_ms": 1000 * found["median_s"], "p90_ms": 1000 * found["p90_s"],
-            "per_s": batch / found["median_s"]}
+    return samples_of(lambda: predictor.backend(inputs), seconds)
 
 
 # ---------------------------------------------------------------- images
@@ -327,8 +352,8 @@ def train_image_teacher(root: Path, work: Path) -> Path:
 # ---------------------------------------------------------------- shared
 
 
-def timings(call, seconds: float) -> dict:
-    """Median and p90 seconds of `call` over at least 3 calls and about `seconds`, after one warm-up call."""
+def samples_of(call, seconds: float) -> list[float]:
+    """Seconds of each of at least 3 calls of `call` over about `seconds`, after one warm-up call."""
     call()
     found = []
     deadline = time.perf_counter() + seconds
@@ -336,6 +361,12 @@ def timings(call, seconds: float) -> dict:
         start = time.perf_counter()
         call()
         found.append(time.perf_counter() - start)
+    return found
+
+
+def timings(call, seconds: float) -> dict:
+    """Median and p90 seconds of `call` over at least 3 calls and about `seconds`, after one warm-up call."""
+    found = samples_of(call, seconds)
     return {"median_s": statistics.median(found), "p90_s": float(np.percentile(found, 90))}
 
 

@@ -138,6 +138,7 @@ def export_version(
                  "parity_atol": export.PARITY_ATOL, "machine": measuring_machine()}
         if distilled:
             proof["distill_gate"] = distill_gate
+            proof["student"] = str(Path(student).resolve())  # how a job's registration is found again (registry)
         manifest = Manifest(
             model=subject.meta,
             variants=records,

@@ -171,7 +171,8 @@ def resolve(name: str, ref: str | None = None) -> VersionInfo:
 
 
 def registered_from(name: str, run_dir: str | Path) -> VersionInfo | None:
-    """The version of `name` registered from a run folder (its manifest's source_run), or None.
+    """The version of `name` registered from a run folder (its manifest's source_run, or for a distilled
+    student the folder it was proved from), or None.
 
     How a job's registration is found when its process died between registering and recording it.
     """
@@ -182,7 +183,7 @@ def registered_from(name: str, run_dir: str | Path) -> VersionInfo | None:
             manifest = read_manifest(folder / version)
         except FinetuneError:  # a damaged version is no run's registration; resolving it says what is wrong
             continue
-        if manifest.source_run == source:
+        if source in (manifest.source_run, manifest.proof.get("student")):
             return resolve(name, version)
     return None
 

@@ -45,6 +45,13 @@ log = logging.getLogger("service.bento")
 ORPHAN_CHECK_SECONDS = 2.0
 # How long the API waits for a trainer's /wake; the job is stored either way.
 WAKE_TIMEOUT_SECONDS = 2.0
+# No OpenTelemetry span for predictions. BentoML records a span for every request even with tracing off
+# (its sampler records what it does not export), and each span is a reference cycle that outlives its
+# request into the collector's oldest generation: at 32 clients 2,400 spans piled up in 8 s and full
+# collections of 40-160 ms ran every ~0.75 s, holding the GIL. Without them (bench/serve_bench.py, 32
+# clients, int8 MiniLM, 2 cores): 280-320 -> 360-455 req/s, p99 216-486 -> 113-170 ms. Operators who
+# export traces can set services.finetune-serve.tracing.excluded_urls to [] in the BentoML config.
+UNTRACED = {"excluded_urls": ["^[a-z]+://[^/]+/predict$", "^[a-z]+://[^/]+/v2/models/[^/]+(/versions/[^/]+)?/infer$"]}
 
 
 def exit_when_orphaned(what: str) -> None:
@@ -129,7 +136,7 @@ def serve_api(wake_trainer) -> None:
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="finetune-serve", workers=settings().api_workers, traffic={"timeout": 300})
+@bentoml.service(name="finetune-serve", workers=settings().api_workers, traffic={"timeout": 300}, tracing=UNTRACED)
 class FinetuneServe:
     """The API with its own trainer: one server on one machine (`make run`)."""
 
@@ -150,7 +157,7 @@ class FinetuneServe:
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="finetune-api", workers=settings().api_workers, traffic={"timeout": 300})
+@bentoml.service(name="finetune-api", workers=settings().api_workers, traffic={"timeout": 300}, tracing=UNTRACED)
 class Api:
     """The API alone, for as many replicas as the traffic needs; trainers run elsewhere and poll the store."""
 
@@ -166,15 +173,19 @@ class Api:
         if url is None:
             return
         try:
-            async with httpx.AsyncClient(timeout=WAKE_TIMEOUT_SECONDS) as client:
+            key = settings().api_key  # the trainers share the API's key
+            headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if settings().has_api_key else {}
+            async with httpx.AsyncClient(timeout=WAKE_TIMEOUT_SECONDS, headers=headers) as client:
                 (await client.post(f"{url}/wake", json={})).raise_for_status()
         except httpx.HTTPError as err:  # the job is stored; a trainer's poll finds it
             log.warning("could not wake a trainer at %s (%s); one will pick the job up on its next poll", url, err)
 
 
-# The key check and body limits wrap the whole server, BentoML's own routes included.
+# The key check and body limits wrap the whole server, BentoML's own routes included; a trainer's too
+# (its /wake and /status), but for FinetuneServe's calls to its own trainer over BentoML's Unix socket.
 FinetuneServe.add_asgi_middleware(Guard)
 Api.add_asgi_middleware(Guard)
+Trainer.add_asgi_middleware(Guard, trust_unix_socket=True)
 # At most FINETUNE_SERVE_MAX_INFLIGHT prediction requests per worker; past a short wait, 429 (service.shedding).
 FinetuneServe.add_asgi_middleware(Shedding)
 Api.add_asgi_middleware(Shedding)

@@ -337,6 +337,8 @@ def extract_zip(archive: Path, target: Path) -> int:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 out = destination.open("xb")  # never follows or overwrites anything
             except OSError as err:
+                if disk_full(err):
+                    raise  # the server's fault, not the zip's: save_upload answers it as OutOfSpace (507)
                 raise DataError(f"file: entry '{entry.filename[:200]}' cannot be written as a file ({err.strerror}); "
                                 "does another entry have the same name?") from None
             with out:

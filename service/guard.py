@@ -19,16 +19,22 @@ MAX_JSON_BODY = 1 << 20
 
 
 class Guard:
-    """ASGI middleware: 401 without the key (when one is set), 413 for a body over its path's limit."""
+    """ASGI middleware: 401 without the key (when one is set), 413 for a body over its path's limit.
 
-    def __init__(self, app):
+    trust_unix_socket: a request over a Unix socket needs no key. BentoML reaches a service's dependency
+    (FinetuneServe's own trainer) through a socket in a folder only its user can open, and sends no headers.
+    """
+
+    def __init__(self, app, trust_unix_socket: bool = False):
         self.app = app
+        self.trust_unix_socket = trust_unix_socket
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         key = settings().api_key
-        if key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key.get_secret_value()):
+        local = self.trust_unix_socket and _over_unix_socket(scope)
+        if key and scope["path"] not in OPEN_PATHS and not local and not _authorized(scope, key.get_secret_value()):
             return await _send_error(send, 401, "authorization: send the header 'Authorization: Bearer <key>' with "
                                                 f"the key in {env_name('api_key')}", "authorization",
                                      extra=[(b"www-authenticate", b"Bearer")])
@@ -64,6 +70,12 @@ class Guard:
 class _BodyTooLarge(errors.HTTPError):
     """Raised while the app reads a body past its limit: the app's HTTPError handler answers 413 (FastAPI's
     body parsing wraps it, see service.errors), and the guard itself where nothing inside did."""
+
+
+def _over_unix_socket(scope) -> bool:
+    """uvicorn gives a Unix socket's connection the server address (path, None) and no client address."""
+    server = scope.get("server")
+    return server is not None and server[1] is None and scope.get("client") is None
 
 
 def _body_limit(path: str) -> int:

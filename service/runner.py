@@ -6,7 +6,8 @@ out (their trainer died), so they resume from their last checkpoint wherever the
 It claims queued jobs one by one and runs `python -m service.train_job` for each, renewing the
 job's lease every third of it. When the child exits without recording an outcome (a crash, an
 out-of-memory kill) the job fails with the reason, unless the child had registered its version
-already: then it succeeded (service.train_job says why); a job whose cancel was asked for (through any
+already: then it succeeded (service.train_job says why), and so does a lapsed one found registered before
+it is re-queued, cancelled or failed; a job whose cancel was asked for (through any
 API replica) but does not stop within the grace period is killed; a job whose lease this trainer
 lost (it could not reach the database for a whole lease) is stopped here, since another trainer
 has it now. Between jobs, at start and then hourly, it deletes what FINETUNE_SERVE_RETENTION_DAYS
@@ -65,6 +66,7 @@ class Runner:
     def start(self) -> list[str]:
         """Re-queue the jobs this trainer held before a restart (and lapsed ones), then run queued jobs in a
         background thread; returns the re-queued ids."""
+        self._settle_registered(worker=self.worker)
         recovered = self.store.recover(self.max_attempts, worker=self.worker)
         if recovered:
             log.warning("re-queued %d job(s) left running by a previous trainer: %s", len(recovered), ", ".join(recovered))
@@ -98,6 +100,7 @@ class Runner:
             try:
                 self.on_tick()
                 self._sweep_when_due()
+                self._settle_registered()
                 lapsed = self.store.recover(self.max_attempts)
                 if lapsed:
                     log.warning("re-queued %d job(s) whose trainer's lease ran out: %s", len(lapsed), ", ".join(lapsed))
@@ -109,6 +112,23 @@ class Runner:
                 log.exception("job runner: unexpected error; retrying in %.0fs", self.poll_seconds)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
+
+    def _settle_registered(self, worker: str | None = None) -> None:
+        """Record success for lapsed jobs (and `worker`'s, at its start) whose process registered the version and
+        died before recording it, before recover() would cancel them (a cancel was asked for), fail them (their
+        last attempt) or train them again."""
+        now = time.time()
+        for job in self.store.list(RUNNING):
+            lapsed = job.lease_expires_at is None or job.lease_expires_at <= now or (worker and job.worker == worker)
+            if not lapsed:
+                continue
+            try:
+                registered = registered_version(job)
+            except Exception:  # a registry it cannot read must not keep recover() from running
+                log.exception("%s: could not look for its registered version", job.id)
+                continue
+            if registered is not None:
+                finish_registered(self.store, job, registered, f"its trainer stopped after it registered {registered.ref}")
 
     def _run(self, job: Job) -> None:
         log.info("starting %s (attempt %d)", job.id, job.attempt)

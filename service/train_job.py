@@ -35,6 +35,8 @@ from service.settings import settings
 
 log = logging.getLogger("service.train_job")
 
+# Where a distillation keeps its student, under its work folder (finetune_core.distill.STUDENT_FOLDER, which imports torch).
+STUDENT_FOLDER = "model"
 # Share of the progress bar given to training; the rest is export and registration.
 TRAIN_SHARE = 0.95
 # With a distilled variant the teacher's training fills this share, the student's the rest of TRAIN_SHARE.
@@ -202,12 +204,14 @@ def _succeed(store: JobStore, job: Job, summary: dict, distilled: dict | None, i
 
 def registered_version(job: Job):
     """The version this job's run registered, if a process of it got that far: the one whose manifest names the
-    run folder (a search's: its best trial's). A job distilling a registered version cannot be told apart this way."""
+    run folder (a search's: its best trial's; a distillation of a registered version's: its student's folder)."""
     from finetune_core.registry import registered_from
 
-    if "distill_from" in job.spec or "model_name" not in job.spec:
-        return None
     run_dir = run_dir_of(job.id)
+    if "distill_from" in job.spec:
+        return registered_from(job.spec["distill_from"]["name"], run_dir / "distill" / STUDENT_FOLDER)
+    if "model_name" not in job.spec:
+        return None
     return registered_from(job.spec["model_name"], run_dir / "best" if "search" in job.spec else run_dir)
 
 

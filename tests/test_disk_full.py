@@ -22,13 +22,15 @@ from finetune_core.metadata import Manifest, ModelMeta, VariantRecord
 
 @pytest.fixture
 def mount_small_disk():
-    """mount(folder, mib): a tmpfs of that size at folder, unmounted after the test; skips if mounting fails."""
+    """mount(folder, mib, inodes=None): a tmpfs of that size (and file count) at folder, unmounted after the
+    test; skips if mounting fails."""
     mounted = []
 
-    def mount(folder, mib: int):
+    def mount(folder, mib: int, inodes: int | None = None):
         folder.mkdir(parents=True, exist_ok=True)
+        options = f"size={mib}m" + (f",nr_inodes={inodes}" if inodes else "")
         try:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                                   capture_output=True, text=True, timeout=30)
         except FileNotFoundError as err:
             pytest.skip(f"cannot mount a small tmpfs to fill: {err}")
@@ -98,3 +100,20 @@ def test_an_upload_that_does_not_fit_is_refused_and_the_server_serves_on(tmp_pat
             assert 'finetune_dataset_uploads_total{outcome="rejected",reason="no_space"} 1.0' in metrics
     finally:
         server.kill()
+
+
+def test_a_zip_whose_files_find_no_room_is_out_of_space_not_invalid(tmp_path, mount_small_disk):
+    """Creating an entry's file on a full disk (here: no inodes left) is the server's fault (507), not the zip's."""
+    import io
+    import zipfile
+
+    from service import datasets
+
+    folder = mount_small_disk(tmp_path / "home" / "datasets", 4, inodes=8)  # FINETUNE_SERVE_HOME: conftest
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(20):
+            zf.writestr(f"train/{'ab'[i % 2]}/{i}.png", b"not read before it is written")
+    with pytest.raises(datasets.OutOfSpace, match="disk is full"):
+        datasets.save_upload("photos.zip", [archive.getvalue()])
+    assert list(folder.iterdir()) == []  # neither the archive nor a half-extracted folder is kept

@@ -333,7 +333,9 @@ def test_production_splits_the_api_from_gpu_trainers():
         database = env["FINETUNE_SERVE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
         assert database == {"name": "finetune-serve", "key": "database-url"}  # PostgreSQL, required
     assert "optional" not in api_env["FINETUNE_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"]  # never an open API
-    assert "FINETUNE_SERVE_API_KEY" not in trainer_env  # it serves no API; its policy admits the API pods alone
+    # Its policy admits the API pods alone, and its /wake and /status ask for the API's key, which the API sends.
+    assert trainer_env["FINETUNE_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "finetune-serve",
+                                                                                 "key": "api-key"}
     assert one(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
 
     # The API wakes the trainers through their Service; the network policies let it.

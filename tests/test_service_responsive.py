@@ -186,3 +186,19 @@ def test_livez_and_predict_answer_while_a_large_upload_is_parsed(tmp_path, tiny_
         assert f["during_p95"] <= bound, (
             f"{path}: p95 {f['during_p95'] * 1000:.0f} ms while the upload was parsed, against "
             f"{f['baseline_p95'] * 1000:.0f} ms before (bound {bound * 1000:.0f} ms): the event loop was blocked")
+
+
+# ---------------------------------------------------------------- no span per prediction
+
+
+@pytest.mark.parametrize("path, traced", [
+    ("/predict", False), ("/v2/models/sst2/infer", False), ("/v2/models/sst2/versions/v3/infer", False),
+    ("/jobs", True), ("/models/predict", True), ("/v2/models/sst2", True), ("/finetune", True),
+])
+def test_predictions_make_no_tracing_span_and_everything_else_keeps_one(path, traced):
+    """BentoML records a span per request even with tracing off; the prediction routes are left out (service.bento)."""
+    from opentelemetry.util.http import ExcludeList
+
+    from service.bento import UNTRACED
+
+    assert ExcludeList(UNTRACED["excluded_urls"]).url_disabled(f"http://127.0.0.1:3000{path}") is not traced

@@ -104,3 +104,51 @@ def test_exit_reasons_are_for_people():
     assert "SIGKILL" in exit_reason(-9) and "batch_size" in exit_reason(-9)
     assert exit_reason(-15) == "the training process was killed by SIGTERM"
     assert "exited with code 3" in exit_reason(3)
+
+
+def _registered_for(job, spec: dict) -> str:
+    """Register a version as the job's process would have (its run folder in the manifest), and return it."""
+    from finetune_core import registry
+    from finetune_core.metadata import Manifest, ModelMeta, VariantRecord
+
+    run_dir = run_dir_of(job.id)
+    staging = run_dir / "staging"
+    (staging / "model").mkdir(parents=True)
+    (staging / "model" / "weights.bin").write_bytes(b"weights")
+    if "distill_from" in spec:  # a distilled version names its teacher's run and the student it proved
+        manifest = Manifest(ModelMeta("text-classification", ["a", "b"]),
+                            {"pytorch": VariantRecord(True, "", file="model")}, source_run="/elsewhere/teacher-run",
+                            proof={"student": str((run_dir / "distill" / "model").resolve())})
+    else:
+        manifest = Manifest(ModelMeta("text-classification", ["a", "b"]),
+                            {"pytorch": VariantRecord(True, "", file="model")}, source_run=str(run_dir.resolve()))
+    return registry.register("toy", staging, manifest).version
+
+
+@pytest.mark.parametrize("spec", [{"model_name": "toy"}, {"distill_from": {"name": "toy", "version": "v1"}}],
+                         ids=["finetune", "distill-version"])
+@pytest.mark.parametrize("state", ["cancel-asked", "last-attempt"])
+def test_a_job_whose_trainer_died_after_registering_ends_succeeded_not_cancelled_failed_or_retrained(
+        tmp_path, spec, state):
+    """The trainer died (its lease ran out) after the job's process registered the version: the next trainer
+    records the success, whatever recover() would have done (cancel it, fail it on its last attempt, retrain it)."""
+    store = SqliteJobStore(tmp_path / "home" / "jobs.sqlite3")
+    job = store.create(spec)
+    for _ in range(1 if state == "cancel-asked" else 3):  # each claim is one attempt; 3 is the last
+        if store.claim_next("trainer-gone", lease_seconds=0.01) is None:
+            store.recover(max_attempts=99)
+            assert store.claim_next("trainer-gone", lease_seconds=0.01) is not None
+        time.sleep(0.02)  # the lease runs out: the trainer is gone
+    if state == "cancel-asked":
+        store.request_cancel(job.id)
+    version = _registered_for(job, spec)
+    running = Runner(store, worker="trainer-b", poll_seconds=0.05)
+    running.start()
+    try:
+        ended = wait_until("the job to end", 30, lambda: (j := store.get(job.id)).status != "running" and j, poll=0.05)
+    finally:
+        running.stop()
+    assert ended.status == "succeeded", [event for _, event in store.events(job.id)]
+    assert ended.model == {"name": "toy", "version": version}
+    kinds = [event["type"] for _, event in store.events(job.id)]
+    assert ("cancel_too_late" if state == "cancel-asked" else "registered_earlier") in kinds

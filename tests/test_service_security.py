@@ -1,5 +1,6 @@
 """Issue 13's three gaps, closed: base models over HTTP come from an allow-list; a server without an API key
-does not listen beyond loopback unless told to; /docs needs nothing outside the server.
+does not listen beyond loopback unless told to; /docs needs nothing outside the server; a trainer's own
+endpoints want the key too.
 
 The unit tests check the deciding functions; one `bentoml serve service.bento:Api` (no trainer: queued jobs
 stay queued) answers the HTTP ones; `bentoml serve --host 0.0.0.0` without a key must exit at once.
@@ -18,7 +19,7 @@ import click
 import httpx
 import pytest
 from conftest import toy_rows
-from service_helpers import BENTOML, REPO, Server, free_port, upload
+from service_helpers import BENTOML, REPO, Server, finetune_body, free_port, upload, wait_for_job
 
 from service import settings as service_settings
 from service.base_models import allowed_base_model, allowed_student
@@ -262,3 +263,54 @@ def test_docs_load_everything_from_the_server_itself(client, server):
         assert response.status_code == 200 and len(response.content) > 0, url
     assert client.get("/openapi.json").json()["info"]["title"] == "finetune-serve"
     assert client.get("/redoc").status_code == 404  # FastAPI's CDN page is off
+    root = client.get("/", follow_redirects=False)  # not BentoML's index page, which loads Google Tag Manager
+    assert root.status_code == 307 and root.headers["location"] == "/docs"
+    assert "googletagmanager" not in client.get("/", follow_redirects=True).text
+
+
+# --- 4. a trainer's endpoints -----------------------------------------------------------------------------
+
+TRAINER_KEY = "trainer-test-key"
+WAKE_FAILED = "could not wake"
+
+
+def _queue_and_finish(client: httpx.Client, tiny_base) -> dict:
+    data = upload(client, toy_rows(80))
+    body = {**finetune_body(tiny_base, data["id"], model_name="woken", epochs=1), "variants": []}
+    queued = client.post("/finetune", json=body)
+    assert queued.status_code == 202, queued.text
+    return wait_for_job(client, queued.json()["id"])
+
+
+@pytest.mark.process
+def test_a_keyed_trainer_refuses_callers_without_the_key_and_its_apis_send_it(tmp_path, tiny_base):
+    """In Kubernetes a trainer is its own server: /wake and /status want the key, the API sends it when it wakes
+    one; FinetuneServe reaches its own trainer over BentoML's Unix socket, where no key is asked."""
+    env = {"FINETUNE_SERVE_API_KEY": TRAINER_KEY, "FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}
+    auth = {"Authorization": f"Bearer {TRAINER_KEY}"}
+    trainer = Server(tmp_path / "home", tmp_path / "trainer.log", env, target="service.bento:Trainer",
+                     name="trainer").start()
+    api = None
+    try:
+        for path in ("/wake", "/status"):
+            assert httpx.post(trainer.url + path, json={}, timeout=30).status_code == 401, path
+            assert httpx.post(trainer.url + path, json={}, headers={"Authorization": "Bearer wrong"},
+                              timeout=30).status_code == 401, path
+            assert httpx.post(trainer.url + path, json={}, headers=auth, timeout=30).status_code == 200, path
+        assert httpx.get(trainer.url + "/livez", timeout=30).status_code == 200
+        api = Server(tmp_path / "home", tmp_path / "api.log", {**env, "FINETUNE_SERVE_TRAINER_URL": trainer.url},
+                     target="service.bento:Api", name="api").start()
+        with httpx.Client(base_url=api.url, headers=auth, timeout=60) as client:
+            assert _queue_and_finish(client, tiny_base)["status"] == "succeeded"
+        assert WAKE_FAILED not in api.tail(100_000)  # a 401 from the trainer is logged as a failed wake
+    finally:
+        trainer.kill()
+        if api is not None:
+            api.kill()
+    both = Server(tmp_path / "one", tmp_path / "one.log", env).start()  # FinetuneServe: API and its own trainer
+    try:
+        with httpx.Client(base_url=both.url, headers=auth, timeout=60) as client:
+            assert _queue_and_finish(client, tiny_base)["status"] == "succeeded"
+        assert WAKE_FAILED not in both.tail(100_000)
+    finally:
+        both.kill()
