@@ -71,7 +71,7 @@ def _events(client: httpx.Client, job_id: str) -> list[dict]:
 
 
 def test_sigkill_during_export_registers_one_whole_version_with_the_uninterrupted_runs_figures(tmp_path, tiny_base):
-    """Kill the server as the export starts: the restarted job exports again from its finished training, one
+    """Kill the server and everything under it as the export starts: the restarted job exports again from its finished training, one
     complete version is registered, and its figures are those of the same job run without a kill."""
     home = tmp_path / "home"
     allowed = {"FINETUNE_SERVE_BASE_MODELS": str(tiny_base)}
@@ -86,7 +86,9 @@ def test_sigkill_during_export_registers_one_whole_version_with_the_uninterrupte
             while time.monotonic() < deadline and not any(e["type"] == "exporting" for e in _events(client, job_id)):
                 time.sleep(0.1)
             assert any(e["type"] == "exporting" for e in _events(client, job_id)), "the export never started"
-        sigkill_server_alone(first)
+        # The whole tree at once, the machine's crash: killed alone, the server leaves its workers up to
+        # ORPHAN_CHECK_SECONDS to notice, and on a quiet machine the tiny export finished in that time.
+        first.kill(signal.SIGKILL)
     finally:
         first.kill(signal.SIGKILL)
     store = SqliteJobStore(home / "jobs.sqlite3")
