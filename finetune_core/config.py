@@ -331,6 +331,7 @@ def _number(name: str, value, low: float, high: float, low_open: bool = False) -
 # labels alone 81.12. Seed 0 alone: T 8 82.22, alpha 0.7 T 4 82.80; at 2e-4 82.22, at 1e-4 (T 4) 81.42.
 # Images (hymenoptera, EfficientNet-Lite0, val 96.73): the teacher at 160 px kept 94.77 at 2.2-3.0x the
 # images/s; fewer blocks at 224 (1-2-2-3-2-2-1) 95.42 at only 1.2-1.5x; both at 192 92.81 at 1.8-2.4x.
+STUDENT_FOLDER = "model"  # where a distillation keeps its student, under its work folder
 DISTILL_GATE_POINTS = 1.5  # accuracy points a distilled variant may lose against the teacher (r2 points for regression)
 # A text student's rate when none is given: its layers, copied from apart in the teacher, must learn to fit
 # together, and the teacher's own 1e-4 left it a point behind (above).

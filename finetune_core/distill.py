@@ -35,7 +35,8 @@ from torch import nn
 
 from . import data as D
 from . import registry
-from .config import TEXT_HIDDEN_WEIGHT, TEXT_STUDENT_LEARNING_RATE, DistillConfig, JobConfig, TrainConfig, config_from_dict
+from .config import (STUDENT_FOLDER, TEXT_HIDDEN_WEIGHT, TEXT_STUDENT_LEARNING_RATE, DistillConfig, JobConfig, TrainConfig,
+                     config_from_dict)
 from .errors import ConfigError, DataError
 from .evaluate import evaluate, predict_logits, scalars
 from .losses import distillation_loss, hidden_matching, make_loss
@@ -44,7 +45,6 @@ from .model import load_trained, logits_of, save_trained
 from .tables import encode_labels, read_table, regression_targets
 from .train import Batch, EventFn, Rows, fit, pick_precision
 
-STUDENT_FOLDER = "model"
 
 
 @dataclass

@@ -28,15 +28,13 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune_core.config import DISTILL_GATE_POINTS
+from finetune_core.config import DISTILL_GATE_POINTS, STUDENT_FOLDER
 from finetune_core.isolated import die_with_parent
 from service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobStore, open_store
 from service.settings import settings
 
 log = logging.getLogger("service.train_job")
 
-# Where a distillation keeps its student, under its work folder (finetune_core.distill.STUDENT_FOLDER, which imports torch).
-STUDENT_FOLDER = "model"
 # Share of the progress bar given to training; the rest is export and registration.
 TRAIN_SHARE = 0.95
 # With a distilled variant the teacher's training fills this share, the student's the rest of TRAIN_SHARE.
@@ -53,6 +51,11 @@ def runs_dir() -> Path:
 
 def run_dir_of(job_id: str) -> Path:
     return runs_dir() / job_id
+
+
+def distill_dir(run_dir: Path) -> Path:
+    """Where a job distils its student (in STUDENT_FOLDER under it): after the teacher, or from a registered version."""
+    return run_dir / "distill"
 
 
 class Progress:
@@ -165,11 +168,11 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
         student, distilled = None, None
         if distil:
             progress.start_phase("distill", (TEACHER_SHARE, TRAIN_SHARE))
-            distilled = _distil(job, model_dir.parent, run_dir / "distill", progress)
+            distilled = _distil(job, model_dir.parent, distill_dir(run_dir), progress)
             if distilled["train"]["status"] == "cancelled":
                 store.finish(job_id, attempt, CANCELLED, metrics={"train": metrics["train"], "distillation": distilled["train"]})
                 return CANCELLED
-            student = run_dir / "distill" / "model"
+            student = distill_dir(run_dir) / STUDENT_FOLDER
         if store.cancel_requested(job_id):  # the last moment a cancel stops the job with nothing registered
             store.finish(job_id, attempt, CANCELLED, metrics={"train": _scalars(metrics["train"])})
             return CANCELLED
@@ -209,7 +212,7 @@ def registered_version(job: Job):
 
     run_dir = run_dir_of(job.id)
     if "distill_from" in job.spec:
-        return registered_from(job.spec["distill_from"]["name"], run_dir / "distill" / STUDENT_FOLDER)
+        return registered_from(job.spec["distill_from"]["name"], distill_dir(run_dir) / STUDENT_FOLDER)
     if "model_name" not in job.spec:
         return None
     return registered_from(job.spec["model_name"], run_dir / "best" if "search" in job.spec else run_dir)
@@ -256,12 +259,12 @@ def _distil_version(store: JobStore, job: Job, run_dir: Path, progress: Progress
     source, data = job.spec["distill_from"], job.spec.get("data") or {}
     progress.start_phase("distill", (0.0, TRAIN_SHARE))
     info = distill_version(source["name"], source["version"], distill_config_from_dict(job.spec["distill"]),
-                           run_dir / "distill", train=data.get("train"), validation=data.get("validation"),
+                           distill_dir(run_dir), train=data.get("train"), validation=data.get("validation"),
                            resume=job.attempt > 1, on_event=progress, should_stop=progress.should_stop)
     if info is None:
         store.finish(job.id, job.attempt, CANCELLED, metrics={"train": {"status": "cancelled"}})
         return CANCELLED
-    distilled = json.loads((run_dir / "distill" / "metrics.json").read_text())
+    distilled = json.loads((distill_dir(run_dir) / "metrics.json").read_text())
     return _succeed(store, job, {"teacher": {"name": source["name"], "version": source["version"]}}, distilled, info)
 
 
