@@ -38,6 +38,7 @@ from .predictors import Predictors
 from .runner import Runner
 from .settings import settings
 from .shedding import Shedding
+from .timeouts import install as install_timeouts
 
 log = logging.getLogger("service.bento")
 
@@ -52,6 +53,9 @@ WAKE_TIMEOUT_SECONDS = 2.0
 # clients, int8 MiniLM, 2 cores): 280-320 -> 360-455 req/s, p99 216-486 -> 113-170 ms. Operators who
 # export traces can set services.finetune-serve.tracing.excluded_urls to [] in the BentoML config.
 UNTRACED = {"excluded_urls": ["^[a-z]+://[^/]+/predict$", "^[a-z]+://[^/]+/v2/models/[^/]+(/versions/[^/]+)?/infer$"]}
+
+# traffic.timeout without BentoML's per-request timer that outlives the request (service.timeouts).
+install_timeouts()
 
 
 def exit_when_orphaned(what: str) -> None:

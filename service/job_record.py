@@ -128,6 +128,10 @@ class JobStore(Protocol):
         """Delete the events of these types of jobs that ended before `finished_before` (epoch seconds); how many."""
         ...
 
+    def lapsed(self, worker: str | None = None) -> list[Job]:
+        """The running jobs recover() would act on now: their lease ran out, or `worker` held them (it restarted)."""
+        ...
+
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         """Re-queue running jobs whose lease ran out, and those `worker` held (it restarted): they resume.
 

@@ -36,6 +36,8 @@ CONNECT_TIMEOUT_SECONDS = 30.0
 # Every process creates the tables if missing; this lock makes concurrent first starts take turns.
 _SCHEMA_LOCK = 0x66696E65  # "fine"
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
+# Running jobs whose lease ran out, or held by the worker given (it restarted): what recover() acts on.
+_LAPSED = f"status = %s AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW} OR worker = %s)"
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY,
@@ -206,14 +208,17 @@ class PostgresJobStore:
                 "(SELECT id FROM jobs WHERE status = ANY(%s) AND finished_at < %s)",
                 (list(types), list(TERMINAL), finished_before)).rowcount
 
+    def lapsed(self, worker: str | None = None) -> list[Job]:
+        with self._transaction() as db:
+            rows = db.execute(f"{_SELECT} WHERE {_LAPSED} ORDER BY position", (RUNNING, worker)).fetchall()
+        return [job_from_row(r) for r in rows]
+
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         recovered = []
         with self._transaction() as db:
             # SKIP LOCKED: a row another trainer is recovering (or heartbeating) right now is left to it.
-            rows = db.execute(
-                f"SELECT id, attempt, cancel_requested FROM jobs WHERE status = %s AND "
-                f"(lease_expires_at IS NULL OR lease_expires_at <= {_NOW} OR worker = %s) "
-                f"ORDER BY position FOR UPDATE SKIP LOCKED", (RUNNING, worker)).fetchall()
+            rows = db.execute(f"SELECT id, attempt, cancel_requested FROM jobs WHERE {_LAPSED} "
+                              "ORDER BY position FOR UPDATE SKIP LOCKED", (RUNNING, worker)).fetchall()
             for job_id, attempt, cancel in rows:
                 if cancel:
                     db.execute(f"UPDATE jobs SET status = %s, finished_at = {_NOW}, eta_seconds = NULL, "

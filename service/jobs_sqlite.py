@@ -50,6 +50,8 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 # Columns later versions added, for a store file an earlier version wrote.
 _ADDED_COLUMNS = (("worker", "TEXT"), ("lease_expires_at", "REAL"))
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM jobs"
+# Running jobs whose lease ran out, or held by the worker given (it restarted): what recover() acts on.
+_LAPSED = "status = ? AND (lease_expires_at IS NULL OR lease_expires_at <= ? OR worker = ?)"
 
 
 class SqliteJobStore:
@@ -185,17 +187,21 @@ class SqliteJobStore:
                 f"(SELECT id FROM jobs WHERE status IN ({ended}) AND finished_at < ?)",
                 (*types, *TERMINAL, finished_before)).rowcount
 
+    def lapsed(self, worker: str | None = None) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute(f"{_SELECT} WHERE {_LAPSED} ORDER BY rowid", (RUNNING, time.time(), worker)).fetchall()
+        return [job_from_row(r) for r in rows]
+
     def recover(self, max_attempts: int = MAX_ATTEMPTS, worker: str | None = None) -> list[str]:
         recovered = []
         with self._connect() as db:
             now = time.time()
             # A cheap read first: a trainer calls this once a poll, and most polls find nothing.
-            lapsed = ("status = ? AND (lease_expires_at IS NULL OR lease_expires_at <= ? OR worker = ?)",
-                      (RUNNING, now, worker))
-            if db.execute(f"SELECT 1 FROM jobs WHERE {lapsed[0]} LIMIT 1", lapsed[1]).fetchone() is None:
+            if db.execute(f"SELECT 1 FROM jobs WHERE {_LAPSED} LIMIT 1", (RUNNING, now, worker)).fetchone() is None:
                 return []
             db.execute("BEGIN IMMEDIATE")
-            rows = db.execute(f"SELECT id, attempt, cancel_requested FROM jobs WHERE {lapsed[0]}", lapsed[1]).fetchall()
+            rows = db.execute(f"SELECT id, attempt, cancel_requested FROM jobs WHERE {_LAPSED}",
+                              (RUNNING, now, worker)).fetchall()
             for job_id, attempt, cancel in rows:
                 if cancel:
                     db.execute("UPDATE jobs SET status = ?, finished_at = ?, eta_seconds = NULL, lease_expires_at = NULL "

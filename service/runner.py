@@ -117,11 +117,7 @@ class Runner:
         """Record success for lapsed jobs (and `worker`'s, at its start) whose process registered the version and
         died before recording it, before recover() would cancel them (a cancel was asked for), fail them (their
         last attempt) or train them again."""
-        now = time.time()
-        for job in self.store.list(RUNNING):
-            lapsed = job.lease_expires_at is None or job.lease_expires_at <= now or (worker and job.worker == worker)
-            if not lapsed:
-                continue
+        for job in self.store.lapsed(worker):
             try:
                 registered = registered_version(job)
             except Exception:  # a registry it cannot read must not keep recover() from running

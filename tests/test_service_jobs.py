@@ -114,7 +114,12 @@ def test_a_lapsed_lease_is_requeued_by_any_trainer_and_a_live_one_is_left_alone(
     lapsed, held = store.create({"n": 1}), store.create({"n": 2})
     store.claim_next("dead-pod", 0)  # no heartbeat will come: its lease is over at once
     store.claim_next("live-pod", LONG_LEASE)
+    # what recover() is about to act on, by the same rule (the runner settles registered ones first)
+    assert [job.id for job in store.lapsed()] == [lapsed.id]
+    assert [job.id for job in store.lapsed(worker="live-pod")] == [lapsed.id, held.id]  # live-pod restarted
+    assert store.lapsed()[0].worker == "dead-pod"
     assert store.recover() == [lapsed.id]
+    assert store.lapsed() == []
     assert store.recover(worker="another-pod") == []
     requeued = store.get(lapsed.id)
     assert (requeued.status, requeued.attempt, requeued.lease_expires_at) == (QUEUED, 1, None)

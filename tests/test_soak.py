@@ -15,7 +15,7 @@ from conftest import REPO
 from service_helpers import serve_toy_model
 
 sys.path.insert(0, str(REPO / "bench" / "load"))
-from procstats import Snapshot, snapshot  # noqa: E402
+from procstats import Snapshot, host_steal, snapshot  # noqa: E402
 from soak import Window, check  # noqa: E402
 
 MB = 2**20
@@ -47,6 +47,22 @@ def test_each_bound_can_break():
     assert broken(check(windows([1000] * 8, files=[40, 41, 41, 42, 42, 43, 44, 44]))) == ["open fds but sockets"]
     assert broken(check(windows([1000] * 8, threads=[30, 30, 31, 30, 31, 31, 32, 32]))) == ["threads"]
     assert broken(check(windows([1000] * 3))) == ["samples"]
+
+
+def test_errors_are_told_apart_by_the_hosts_steal_in_their_windows():
+    recorded = windows([1000] * 8, errors=5)
+    for w in recorded:
+        w.steal = 0.30 if w.errors else 0.02
+    errors = check(recorded)[0]
+    assert not errors.ok  # a host that took the CPU away does not excuse errors, it explains them
+    assert errors.measured.endswith("host steal in the windows with errors 30% (median), in the others 2%")
+
+
+def test_host_steal_is_a_share_of_the_cpu_time_between_two_readings():
+    before = host_steal()
+    sum(i * i for i in range(200_000))  # some CPU time passes
+    share, after = host_steal(since=before)
+    assert 0.0 <= share <= 1.0 and after[1] > before[1] and after[0] >= before[0]
 
 
 def test_a_pool_that_grows_and_shrinks_with_the_load_is_not_growth():

@@ -65,3 +65,18 @@ def _sockets(pid: int) -> int:
         except OSError:
             continue
     return count
+
+
+def host_steal(since: tuple[float, float] | None = None):
+    """The machine's CPU time stolen by its hypervisor (other guests on the host) and all CPU time, in seconds.
+
+    With `since` (an earlier reading): (the stolen share of the time in between, this reading). On a
+    virtual machine a soak's slow windows often line up with steal rather than with the server.
+    """
+    times = psutil.cpu_times()
+    now = (getattr(times, "steal", 0.0), sum(times))
+    if since is None:
+        return now
+    total = now[1] - since[1]
+    return ((now[0] - since[0]) / total if total > 0 else 0.0), now
+

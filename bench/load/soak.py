@@ -8,7 +8,8 @@ Phases: a probe (closed loop, --clients clients, --probe-seconds) measures the m
 --rate is given; then requests are sent open-loop at --load (0.7) of it, one text each, first for
 --warmup seconds, then for --seconds of soak proper. Every --every seconds the window's rate,
 latencies and errors and the server's process tree (bench/load/procstats.py: summed RSS, open file
-descriptors, threads) are recorded and printed as a table. The bounds, checked on the soak proper:
+descriptors, threads) are recorded and printed as a table, with the share of the machine's CPU time
+its hypervisor gave to other guests in the window (steal: a virtual machine's noisy neighbours). The bounds, checked on the soak proper:
 
   errors     none: any status but 200, a connection error or a timeout (a 429 is an error here: at
              70% of the maximum the service must not shed)
@@ -58,6 +59,7 @@ class Window:
     late: int = 0
     failures: Counter = field(default_factory=Counter)  # status (or "no answer") of each error
     stats: procstats.Snapshot | None = None
+    steal: float = 0.0  # share of the machine's CPU time the hypervisor gave to other guests in the window
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ def check(windows: list[Window]) -> list[Verdict]:
     rss_after = statistics.median(w.stats.rss_bytes for w in last)
     growth = rss_after / rss_before - 1
     why = f" ({', '.join(f'{n} x {what}' for what, n in failures.most_common())})" if failures else ""
+    if errors:  # where they fell: a host that took the CPU away, or the server itself
+        shed, clean = [w.steal for w in soak if w.errors], [w.steal for w in soak if not w.errors]
+        why += (f"; host steal in the windows with errors {statistics.median(shed):.0%} (median), "
+                f"in the others {statistics.median(clean) if clean else float('nan'):.0%}")
     verdicts = [Verdict("errors", f"{errors}{why}", "0", errors == 0),
                 Verdict("RSS growth (median, last vs first quarter)",
                         f"{growth:+.1%} ({rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB)",
@@ -102,13 +108,14 @@ def percentile(values: list[float], p: float) -> float:
 
 def print_tables(windows: list[Window], verdicts: list[Verdict], rate: float, max_rate: float | None) -> None:
     print()
-    print("| t s | req/s | p50 ms | p99 ms | errors | late | server RSS MB | fds: other (sockets) | threads | processes |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| t s | req/s | p50 ms | p99 ms | errors | late | server RSS MB | fds: other (sockets) | threads | processes "
+          "| host steal |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in windows:
         s = w.stats
         print(f"| {w.at:.0f} | {len(w.latencies) / w.seconds:.1f} | {percentile(w.latencies, 50) * 1000:.0f} | "
               f"{percentile(w.latencies, 99) * 1000:.0f} | {w.errors} | {w.late} | {s.rss_bytes / 2**20:.0f} | "
-              f"{s.files} ({s.sockets}) | {s.threads} | {s.processes} |")
+              f"{s.files} ({s.sockets}) | {s.threads} | {s.processes} | {w.steal:.0%} |")
     soak = [w for w in windows if w.at >= 0]
     answered = [x for w in soak for x in w.latencies]
     seconds = sum(w.seconds for w in soak)
@@ -182,11 +189,13 @@ async def paced(session, url: str, texts: list[str], model: str | None, rate: fl
             into.failures[status or "no answer"] += 1
 
     next_at = start
+    stolen = procstats.host_steal()
     while next_at < end and sent < max_requests:
         now = time.perf_counter()
         if now >= window_end:
             window.seconds = now - (window_end - every)
             window.stats = await asyncio.to_thread(procstats.snapshot, server_pid)
+            window.steal, stolen = procstats.host_steal(since=stolen)
             windows.append(window)
             window = Window(window_end - soak_start, every)
             window_end += every
@@ -204,6 +213,7 @@ async def paced(session, url: str, texts: list[str], model: str | None, rate: fl
         await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_SECONDS + 5)
     window.seconds = time.perf_counter() - (window_end - every)
     window.stats = procstats.snapshot(server_pid)
+    window.steal, _ = procstats.host_steal(since=stolen)
     if window.seconds >= every / 2:  # a last sliver would skew the rate
         windows.append(window)
     return windows
