@@ -66,8 +66,7 @@ class Runner:
     def start(self) -> list[str]:
         """Re-queue the jobs this trainer held before a restart (and lapsed ones), then run queued jobs in a
         background thread; returns the re-queued ids."""
-        self._settle_registered(worker=self.worker)
-        recovered = self.store.recover(self.max_attempts, worker=self.worker)
+        recovered = self._recover(worker=self.worker)
         if recovered:
             log.warning("re-queued %d job(s) left running by a previous trainer: %s", len(recovered), ", ".join(recovered))
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
@@ -100,8 +99,7 @@ class Runner:
             try:
                 self.on_tick()
                 self._sweep_when_due()
-                self._settle_registered()
-                lapsed = self.store.recover(self.max_attempts)
+                lapsed = self._recover()
                 if lapsed:
                     log.warning("re-queued %d job(s) whose trainer's lease ran out: %s", len(lapsed), ", ".join(lapsed))
                 job = self.store.claim_next(self.worker, self.lease_seconds)
@@ -113,11 +111,20 @@ class Runner:
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
-    def _settle_registered(self, worker: str | None = None) -> None:
-        """Record success for lapsed jobs (and `worker`'s, at its start) whose process registered the version and
-        died before recording it, before recover() would cancel them (a cancel was asked for), fail them (their
-        last attempt) or train them again."""
-        for job in self.store.lapsed(worker):
+    def _recover(self, worker: str | None = None) -> list[str]:
+        """Settle, then re-queue, the lapsed jobs (and `worker`'s, at its start); the store is asked for them once
+        per poll, and recover() runs only when there are some. A job lapsing in between waits for the next poll."""
+        lapsed = self.store.lapsed(worker)
+        if not lapsed:
+            return []
+        self._settle_registered(lapsed)
+        return self.store.recover(self.max_attempts, worker=worker)
+
+    def _settle_registered(self, lapsed: list[Job]) -> None:
+        """Record success for lapsed jobs whose process registered the version and died before recording it,
+        before recover() would cancel them (a cancel was asked for), fail them (their last attempt) or train
+        them again."""
+        for job in lapsed:
             try:
                 registered = registered_version(job)
             except Exception:  # a registry it cannot read must not keep recover() from running

@@ -116,7 +116,10 @@ def test_two_apis_and_two_trainers_share_postgres_and_one_folder(tmp_path, tiny_
         assert "recovered" in types and "resuming" in types and types.count("succeeded") == 1
         starts = [event for event in events if event["type"] == "start"]
         assert len(starts) == 2 and starts[1]["resumed"]
-        assert starts[1]["step"] >= (step_before // CHECKPOINT_EVERY) * CHECKPOINT_EVERY > 0
+        # A step's progress is reported before that step's checkpoint is written, so the pod can die in
+        # between: at most one checkpoint interval is lost, never the run.
+        last_written = (step_before // CHECKPOINT_EVERY) * CHECKPOINT_EVERY - CHECKPOINT_EVERY
+        assert starts[1]["step"] >= last_written > 0
 
         # None ran twice to completion: one claim, one start, one success each, and one registered version each.
         for job_id in tiny_ids:
