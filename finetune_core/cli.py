@@ -14,6 +14,7 @@ from pathlib import Path
 from .artifacts_cli import add_commands, column_flags
 from .config import PRECISIONS, TASKS, TRUNCATIONS
 from .errors import FinetuneError
+from .gen_config import GENERATION_TASK, METHODS
 from .search_space import PRUNERS, SAMPLERS
 
 DEFAULT_CONFIG_HELP = "defaults live in finetune_core/config.py"
@@ -100,7 +101,7 @@ def job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", help="training file (JSONL, CSV, Parquet); images: a class folder, a dataset root or an image list")
     parser.add_argument("--validation", help="validation file; default: 10%% of train")
     parser.add_argument("--test", help="test file; default: 10%% of train when no validation file is given")
-    parser.add_argument("--task", choices=list(TASKS))
+    parser.add_argument("--task", choices=[*TASKS, GENERATION_TASK])
     column_flags(parser, remembered=False)
     parser.add_argument("--model", help='base model: "default" (bundled all-MiniLM-L6-v2), a folder or a hub id')
     parser.add_argument("--epochs", type=_or_auto(int), help="default auto: from the training rows (data report)")
@@ -118,6 +119,14 @@ def job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--precision", choices=list(PRECISIONS))
     parser.add_argument("--config", help="YAML or JSON file with data/model/train sections; flags override it")
+    gen = parser.add_argument_group("text generation (--task text-generation; defaults in finetune_core/gen_config.py)")
+    gen.add_argument("--prompt-column", help="column holding the prompt (default prompt)")
+    gen.add_argument("--completion-column", help="column holding the answer to learn (default completion)")
+    gen.add_argument("--messages-column", help="column holding chat turns [{role, content}] (default messages)")
+    gen.add_argument("--system-prompt", help="a system turn put before every prompt")
+    gen.add_argument("--adapter", choices=list(METHODS), help="lora (default) or full fine-tuning")
+    gen.add_argument("--lora-rank", type=int)
+    gen.add_argument("--max-new-tokens", type=int, help="the longest generated answer in evaluation")
 
 
 def _or_auto(kind):
@@ -149,27 +158,65 @@ def raw_config(args) -> dict:
 def cmd_train(args) -> int:
     from .config import config_from_dict
     from .errors import ConfigError
+    from .gen_config import generation_job_from_dict
+    from .gen_pipeline import run_generation
     from .pipeline import run_training
 
     if args.resume:
         output, resume, cfg = args.resume, True, None
+        generation = _saved_task(Path(output)) == GENERATION_TASK
     else:
         if not args.output:
             raise ConfigError("--output: a run folder is required (or --resume DIR)")
-        cfg = config_from_dict(raw_config(args))
+        raw = raw_config(args)
+        generation = (raw.get("task") or raw.get("data", {}).get("task")) == GENERATION_TASK
+        cfg = generation_job_from_dict(generation_config(raw, args)) if generation else config_from_dict(raw)
         output, resume = args.output, False
     bar = None if args.quiet else _ProgressBar()
+    run = run_generation if generation else run_training
     try:
         with _stop_on_signals() as stop:
-            metrics = run_training(cfg, output, resume=resume, on_event=bar, should_stop=stop.is_set)
+            metrics = run(cfg, output, resume=resume, on_event=bar, should_stop=stop.is_set)
     finally:
         if bar:
             bar.close()
     if metrics["train"]["status"] == "cancelled":
         print(f"cancelled; continue with: finetune-serve train --resume {output}", file=sys.stderr)
         return 3
-    print(json.dumps(_summary(metrics), indent=2))
+    print(json.dumps(_generation_summary(metrics) if generation else _summary(metrics), indent=2))
     return 0
+
+
+def _saved_task(output: Path) -> str | None:
+    try:
+        saved = json.loads((output / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # run_training says what is wrong with the folder
+    return saved.get("task") or saved.get("data", {}).get("task")
+
+
+def generation_config(raw: dict, args) -> dict:
+    """The text-generation job's sections from the shared flags and config file, with its own flags over them."""
+    from .config import merge
+
+    data = {k: v for k, v in raw.get("data", {}).items()
+            if k in ("train", "validation", "test", "max_length", "prompt_column", "completion_column",
+                     "messages_column", "system_prompt", "max_new_tokens", "eval_rows", "split_seed")}
+    train = {k: v for k, v in raw.get("train", {}).items() if v is not None}
+    gen = {"data": {**data, "prompt_column": args.prompt_column, "completion_column": args.completion_column,
+                    "messages_column": args.messages_column, "system_prompt": args.system_prompt,
+                    "max_new_tokens": args.max_new_tokens},
+           "adapter": {"method": args.adapter, "rank": args.lora_rank}}
+    merged = merge({"data": {}, "adapter": raw.get("adapter") or {}, "train": train}, gen)
+    base = raw.get("base_model") or raw.get("model", {}).get("base_model")
+    return {**merged, **({"base_model": base} if base and base != "default" else {})}
+
+
+def _generation_summary(metrics: dict) -> dict:
+    keep = ("loss", "perplexity", "exact_match", "rouge_l")
+    scored = metrics["test"] or metrics["validation"]
+    return {"base": {k: metrics["base"][k] for k in keep}, "fine_tuned": {k: scored[k] for k in keep if k in scored},
+            "scored_split": metrics.get("scored_split"), "train": metrics["train"]}
 
 
 def cmd_search(args) -> int:

@@ -13,6 +13,7 @@ Outputs in the run folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -45,21 +46,37 @@ def run_training(cfg: JobConfig | None, output: str | Path, *, resume: bool = Fa
     """
     output = Path(output)
     if resume:
-        saved = output / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"resume: '{output}' has no config.json; it is not a run folder to resume")
-        cfg = config_from_dict(json.loads(saved.read_text()))
+        cfg = config_from_dict(saved_config(output))
+    prepare_run_folder(output, resume, cfg.to_dict())
+    started = time.perf_counter()
+    with torch_threads(cfg.train.num_threads):
+        return _run(cfg, output, resume, on_event, should_stop, started)
+
+
+def saved_config(output: Path) -> dict:
+    """The configuration a run folder was started with, to resume it."""
+    saved = output / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"resume: '{output}' has no config.json; it is not a run folder to resume")
+    return json.loads(saved.read_text())
+
+
+def prepare_run_folder(output: Path, resume: bool, config: dict, extra_outputs: tuple[str, ...] = ()) -> None:
+    """Create the folder, clear an earlier run's outputs unless resuming, and write config.json."""
     output.mkdir(parents=True, exist_ok=True)
     if not resume:
-        _clear_previous_run(output)
-    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    started = time.perf_counter()
-    tc = cfg.train
+        clear_previous_run(output, extra_outputs)
+    (output / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's CPU threads set to count (0: left alone) for the block, then put back."""
     threads = torch.get_num_threads()
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
+    if count:
+        torch.set_num_threads(count)
     try:
-        return _run(cfg, output, resume, on_event, should_stop, started)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -89,7 +106,7 @@ def _run(cfg: JobConfig, output: Path, resume: bool, on_event, should_stop, star
         return evaluate(model, rows[role], loss_fn, label_names=dataset.label_names, target_mean=dataset.target_mean,
                         target_std=dataset.target_std, batch_size=tc.eval_batch_size, precision=precision)
 
-    sink = _EventLog(output, on_event)
+    sink = EventLog(output, on_event)
     try:
         sink({"type": "data", "report": {k: report[k] for k in ("rows", "cleaning")}, "parameters": report["parameters"]})
         result = fit(model, rows["train"], tc, loss_fn=loss_fn, evaluate_fn=lambda m: scalars(evaluate_split("validation")),
@@ -233,9 +250,9 @@ _RUN_OUTPUTS = ("model", "splits", "plots", "checkpoints", "tensorboard", "event
                 "label_issues.jsonl")
 
 
-def _clear_previous_run(output: Path) -> None:
+def clear_previous_run(output: Path, extra: tuple[str, ...] = ()) -> None:
     """A fresh run into a used folder starts clean: stale checkpoints or events would mix with the new run."""
-    for name in _RUN_OUTPUTS:
+    for name in _RUN_OUTPUTS + extra:
         path = output / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -253,7 +270,7 @@ def _write_splits(dataset: D.Dataset, folder: Path, column: str) -> None:
                 f.write(json.dumps({column: item, "label": names[target] if names else target}) + "\n")
 
 
-class _EventLog:
+class EventLog:
     """Appends every event to events.jsonl and TensorBoard, keeps step events for the curves, forwards the rest."""
 
     def __init__(self, output: Path, forward: EventFn | None):

@@ -117,3 +117,23 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.ensure_newline()
         reporter.write_line(f"error: {len(skipped)} test(s) skipped, which fails the run: "
                             + ", ".join(r.nodeid for r in skipped), red=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random Llama with SmolLM2's real tokenizer and chat template: trains in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from finetune_core.gen_model import resolve_causal_base
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    where, gguf = resolve_causal_base("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         initializer_range=0.3)  # wide: 32-wide tied embeddings can then give sharp logits
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,210 @@
+"""Text generation: data rendering and masking, the loss, adapters and their merge, metrics, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from finetune_core import gen_data, gen_model
+from finetune_core.errors import ConfigError, DataError
+from finetune_core.gen_config import AdapterConfig, GenDataConfig, generation_job_from_dict
+from finetune_core.gen_eval import answer_scores, causal_lm_loss, greedy_tokens, rouge_l, token_loss
+from finetune_core.gen_pipeline import run_generation
+
+COLOURS = {"apple": "red", "banana": "yellow", "grape": "purple", "lime": "green", "plum": "purple",
+           "lemon": "yellow", "cherry": "red", "kiwi": "green", "orange": "orange", "peach": "orange"}
+
+
+def colour_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    fruits = sorted(COLOURS)
+    rows = []
+    for _ in range(n):
+        fruit = rng.choice(fruits)
+        rows.append({"prompt": f"What colour is a {fruit}?", "completion": f"A {fruit} is {COLOURS[fruit]}."})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_causal_lm):
+    return gen_model.load_causal_lm(str(tiny_causal_lm))[1]
+
+
+def test_the_chat_template_renders_the_prompt_and_the_loss_sees_only_the_answer(tokenizer):
+    turns = [{"role": "user", "content": "What colour is a lime?"}, {"role": "assistant", "content": "Green."}]
+    rows, report = gen_data.encode(tokenizer, [turns], max_length=256)
+    ids, labels = rows.input_ids[0], rows.labels[0]
+    start = labels.index(next(x for x in labels if x != gen_data.IGNORE))
+    assert all(x == gen_data.IGNORE for x in labels[:start])
+    assert tokenizer.decode(ids[:start]).endswith("<|im_start|>user\nWhat colour is a lime?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(labels[start:]) == "Green.<|im_end|>"  # the end of turn is learnt, so answers stop
+    assert labels[start:] == ids[start:] and report["prompts_cut"] == report["completions_cut"] == 0
+
+
+def test_a_system_prompt_and_multi_turn_messages_are_rendered_with_the_loss_on_the_last_answer(tmp_path, tokenizer):
+    cfg = GenDataConfig(train="x", system_prompt="Answer in one word.")
+    pairs = gen_data.read_conversations(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Sky?", "completion": "Blue"}])), cfg)
+    text = tokenizer.decode(gen_data.prompt_ids(tokenizer, pairs.turns[0][:-1]))
+    assert text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>") and "helpful AI assistant" not in text
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue"}]
+    rows, _ = gen_data.encode(tokenizer, [chat], 256)
+    answer = [x for x in rows.labels[0] if x != gen_data.IGNORE]
+    assert tokenizer.decode(answer) == "Blue<|im_end|>"  # the earlier answer "Hello" is context, not a target
+
+
+def test_without_a_chat_template_the_answer_ends_with_end_of_sequence(tiny_causal_lm):
+    _, plain = gen_model.load_causal_lm(str(tiny_causal_lm))
+    plain.chat_template = None
+    turns = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue"}]
+    ids, start = gen_data.conversation_ids(plain, turns)
+    assert plain.decode(ids[:start]) == "Sky?\n\n" and ids[start:] == plain("Blue", add_special_tokens=False)["input_ids"] + [plain.eos_token_id]
+
+
+def test_a_long_prompt_loses_its_start_and_a_long_answer_its_end(tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 300 + "Final question?"}, {"role": "assistant", "content": "Yes."}]
+    rows, report = gen_data.encode(tokenizer, [long_prompt], max_length=64)
+    ids, labels = rows.input_ids[0], rows.labels[0]
+    assert len(ids) == 64 and report["prompts_cut"] == 1 and report["max"] > 300
+    assert tokenizer.decode(ids).endswith("Final question?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>")
+    assert tokenizer.decode([x for x in labels if x != gen_data.IGNORE]) == "Yes.<|im_end|>"
+
+    long_answer = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "one " * 200}]
+    rows, report = gen_data.encode(tokenizer, [long_answer], max_length=64)
+    assert len(rows.input_ids[0]) == 64 and report["completions_cut"] == 1
+    assert sum(x != gen_data.IGNORE for x in rows.labels[0]) == 64 - gen_data.MIN_PROMPT_TOKENS
+
+
+def test_rows_that_cannot_be_used_are_counted_by_reason_and_a_missing_column_is_named(tmp_path):
+    cfg = GenDataConfig(train="x")
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "", "completion": "b"}, {"prompt": "a", "completion": None},
+            {"prompt": 3, "completion": "b"}]
+    read = gen_data.read_conversations(str(write_jsonl(tmp_path / "t.jsonl", rows)), cfg)
+    assert len(read.turns) == 1
+    assert read.dropped == {"empty or missing prompt": 2, "empty or missing completion": 1}
+
+    chats = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+             {"messages": [{"role": "user", "content": "a"}]}, {"messages": "hello"},
+             {"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    read = gen_data.read_conversations(str(write_jsonl(tmp_path / "m.jsonl", chats)), cfg)
+    assert len(read.turns) == 1 and sum(read.dropped.values()) == 3
+
+    with pytest.raises(DataError, match="'prompt' and 'completion' columns; columns are question"):
+        gen_data.read_conversations(str(write_jsonl(tmp_path / "q.jsonl", [{"question": "a"}])), cfg)
+
+
+def test_the_loss_ignores_prompt_and_padding_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 1], [-100, -100, 7, 1, -100, -100]])
+    loss = causal_lm_loss(logits, {"labels": labels})
+    # position t predicts label t+1: rows' targets are (4, 5, 1) at t = 2, 3, 4 and (7, 1) at t = 1, 2
+    picked = [logits[0, 2].log_softmax(-1)[4], logits[0, 3].log_softmax(-1)[5], logits[0, 4].log_softmax(-1)[1],
+              logits[1, 1].log_softmax(-1)[7], logits[1, 2].log_softmax(-1)[1]]
+    assert loss.item() == pytest.approx(-torch.stack(picked).mean().item(), rel=1e-6)
+    changed = logits.clone()
+    changed[0, 0] += 5  # a prompt position
+    changed[1, 4] -= 3  # a padding position
+    assert causal_lm_loss(changed, {"labels": labels}).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_merged_adapters_give_the_adapted_models_outputs(tiny_causal_lm, tokenizer):
+    model, _ = gen_model.load_causal_lm(str(tiny_causal_lm))
+    adapted, report = gen_model.add_adapters(model, AdapterConfig(rank=4, alpha=8, dropout=0.0))
+    assert 0 < report["trainable_parameters"] < report["parameters"] / 10
+    assert all(not p.requires_grad for n, p in adapted.named_parameters() if "lora_" not in n)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:  # B starts at zero; trained adapters are not
+                p.normal_(0, 0.5)
+    ids = torch.tensor([tokenizer("What colour is a plum? It is purple.")["input_ids"]])
+    adapted.eval()
+    with torch.no_grad():
+        before = adapted(input_ids=ids).logits
+        base = adapted.get_base_model()
+        with adapted.disable_adapter():
+            plain = base(input_ids=ids).logits
+        merged = gen_model.merged(adapted)
+        after = merged(input_ids=ids).logits
+    assert not torch.allclose(before, plain, atol=1e-3)  # the adapters change the outputs...
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # ...and the merged weights keep the change
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_rouge_l_and_exact_match():
+    assert rouge_l("the cat sat", "the cat sat on") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert rouge_l("K AE1 T", "k ae1 t") == 1.0 and rouge_l("dog", "cat") == 0.0 and rouge_l("", "") == 1.0
+    assert rouge_l("a b c d", "d c b a") == pytest.approx(0.25)
+    scores = answer_scores(["A lime is  green.", "red"], ["a lime is green.", "blue"])
+    assert scores == {"exact_match": 0.5, "rouge_l": 0.5}
+
+
+def test_greedy_answers_in_a_batch_match_one_at_a_time(tiny_causal_lm, tokenizer):
+    model, _ = gen_model.load_causal_lm(str(tiny_causal_lm))
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]
+             for p in ("Hi", "What colour is a very long banana, please tell me?", "Plum?")]
+    batched = greedy_tokens(model, tokenizer, chats, max_new_tokens=8, batch_size=3)
+    single = [greedy_tokens(model, tokenizer, [c], max_new_tokens=8, batch_size=1)[0] for c in chats]
+    assert batched == single and all(batched)
+
+
+def test_a_tiny_lora_run_learns_and_writes_its_run_folder(tmp_path, tiny_causal_lm):
+    train = write_jsonl(tmp_path / "train.jsonl", colour_rows(120))
+    job = generation_job_from_dict({"data": {"train": str(train), "max_new_tokens": 12, "max_length": 96},
+                                    "base_model": str(tiny_causal_lm),
+                                    "adapter": {"rank": 8, "alpha": 16, "dropout": 0.0},
+                                    "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "log_every_steps": 4,
+                                              "early_stopping_patience": 0}})
+    events = []
+    metrics = run_generation(job, tmp_path / "run", on_event=events.append)
+    out = tmp_path / "run"
+    assert metrics["test"]["loss"] < metrics["base"]["loss"] - 2  # a random model starts near ln(49152) = 10.8
+    assert metrics["test"]["perplexity"] < metrics["base"]["perplexity"] / 5
+    assert set(metrics["test"]) >= {"exact_match", "rouge_l", "perplexity"} and metrics["scored_rows"] == 12
+    types = [e["type"] for e in events]
+    assert types[0] == "data" and "start" in types and "step" in types and types[-1] == "done"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and set(samples[0]) == {"prompt", "reference", "base", "fine_tuned"}
+    assert (out / "model" / "adapter" / "adapter_config.json").is_file() and (out / "plots" / "curves.png").is_file()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["rows"] == {"train": 96, "validation": 12, "test": 12} and report["parameters"]["method"] == "lora"
+
+    # The saved model is the merged one: it scores what the run reported, with no peft in sight.
+    model, tokenizer = gen_model.load_saved(out / "model")
+    rows, _ = gen_data.encode(tokenizer, [json.loads(line)["messages"] for line in (out / "splits" / "test.jsonl").open()], 96)
+    assert token_loss(model, rows, 16)["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-4)
+
+
+def test_generation_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="adapter.rank"):
+        generation_job_from_dict({"data": {"train": "t.jsonl"}, "adapter": {"rank": 0}})
+    with pytest.raises(ConfigError, match="adapter.method"):
+        generation_job_from_dict({"data": {"train": "t.jsonl"}, "adapter": {"method": "qlora"}})
+    with pytest.raises(ConfigError, match="data.max_length"):
+        generation_job_from_dict({"data": {"train": "t.jsonl", "max_length": 4}})
+    with pytest.raises(ConfigError, match="early_stopping_metric"):
+        generation_job_from_dict({"data": {"train": "t.jsonl"}, "train": {"early_stopping_metric": "accuracy"}})
+    with pytest.raises(ConfigError, match="unknown section"):
+        generation_job_from_dict({"data": {"train": "t.jsonl"}, "lora": {}})
+
+
+def test_the_cli_trains_text_generation_and_resumes_a_finished_run(tmp_path, tiny_causal_lm, capsys):
+    from finetune_core.cli import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"q": r["prompt"], "a": r["completion"]} for r in colour_rows(40)])
+    out = tmp_path / "run"
+    code = main(["train", "--task", "text-generation", "--train", str(train), "--model", str(tiny_causal_lm),
+                 "--prompt-column", "q", "--completion-column", "a", "--epochs", "1", "--batch-size", "8",
+                 "--lora-rank", "4", "--max-new-tokens", "4", "--output", str(out), "--quiet"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(summary["base"]) == set(summary["fine_tuned"]) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["task"] == "text-generation" and saved["adapter"]["rank"] == 4 and saved["data"]["prompt_column"] == "q"
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the run is complete: resuming trains no more
+    assert json.loads(capsys.readouterr().out)["train"]["steps"] == summary["train"]["steps"]
