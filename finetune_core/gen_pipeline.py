@@ -24,8 +24,9 @@ import torch
 
 from . import gen_data, gen_model
 from .errors import ConfigError
-from .gen_config import GenerationJob, generation_job_from_dict
+from .gen_config import GENERATION_TASK, GenerationJob, generation_job_from_dict
 from .gen_eval import answer_scores, causal_lm_loss, greedy_answers, token_loss
+from .metadata import ModelMeta, write_meta
 from .pipeline import EventLog, prepare_run_folder, saved_config, torch_threads
 from .plots import plot_curves
 from .train import EventFn, fit
@@ -128,6 +129,8 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
                                     "base": base_answers[i] if base_answers else None, "fine_tuned": tuned_answers[i]}) + "\n")
         model.to("cpu")
         gen_model.save(model, tokenizer, output / "model")
+        write_meta(ModelMeta(task=GENERATION_TASK, labels=None, base_model=job.base_model, max_length=d.max_length,
+                             text_column=d.prompt_column, label_column=d.completion_column), output / "model")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plots = output / "plots"
         plots.mkdir(exist_ok=True)

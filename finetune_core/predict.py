@@ -27,6 +27,8 @@ from . import registry
 from .data import tokenize
 from .errors import ConfigError, DataError
 from .export import Batch, Forward, model_input_names
+from .gen_config import GENERATION_TASK
+from .gen_predict import GenerationPredictor, load_generation_predictor
 from .metadata import ModelMeta, read_meta
 from .model import bf16_supported, logits_of
 
@@ -285,8 +287,11 @@ def load_predictor(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     allow_spinning: bool = True,
-) -> Predictor:
-    """A predictor for a registered version; variant None: the fastest accepted one (`default_variant`)."""
+) -> Predictor | GenerationPredictor:
+    """A predictor for a registered version; variant None: the fastest accepted one (`default_variant`).
+    A text-generation version gets a GenerationPredictor (gen_predict.py): prompts in, texts out."""
+    if info.manifest.model.task == GENERATION_TASK:
+        return load_generation_predictor(info, variant)
     variants = info.manifest.variants
     usable = [v for v in VARIANTS if v in variants and variants[v].accepted]
     if variant is None:

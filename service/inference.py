@@ -20,10 +20,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from finetune_core import registry
 from finetune_core.errors import ConfigError
+from finetune_core.gen_predict import GenerationPredictor, Sampling
 from finetune_core.predict import Predictor
 
 from .context import Context
 from .errors import FieldError, HTTPError
+from .generation import generate, refuse_generation_fields
 from .image_inputs import BadImage, decode
 from .metrics import Metrics
 
@@ -73,23 +75,39 @@ Inputs = Texts | Images | Pixels
 
 
 @dataclass(frozen=True)
+class GenerationAsk:
+    """The generation settings a request sent (None: none were) and the request, to name a refused field."""
+
+    sampling: Sampling | None
+    body: object
+
+
+@dataclass(frozen=True)
 class Served:
     info: registry.VersionInfo
     predictor: Predictor
 
 
 async def predict(ctx: Context, front: FrontEnd, target: Target, inputs: Inputs, top_k: int | None = None,
-                  check: Callable[[registry.VersionInfo], None] = lambda info: None) -> tuple[Served, list[dict]]:
-    """(what served the request, one result per input); `check` vets the request against the version first."""
+                  check: Callable[[registry.VersionInfo], None] = lambda info: None,
+                  generation: GenerationAsk | None = None) -> tuple[Served, list[dict]]:
+    """(what served the request, one result per input); `check` vets the request against the version first.
+    A text-generation model generates (service.generation) with `generation`'s settings."""
     started = time.perf_counter()
     model, variant = "none", "default"  # metrics labels until the predictor is known
     try:
         served = await load(ctx, front, target)
         model, variant = ctx.metrics.model_label(served.info.name), served.predictor.variant
         check(served.info)
-        ready = await _model_inputs(ctx, front, served, inputs)
-        key = (served.info.name, served.info.version, target.variant)
-        results = await ctx.batcher.predict(key, served.predictor, ready, top_k)
+        if isinstance(served.predictor, GenerationPredictor):
+            results = await generate(served, inputs, generation.sampling if generation else None, top_k, ctx.metrics,
+                                     model)
+        else:
+            if generation is not None and generation.sampling is not None:
+                refuse_generation_fields(generation.body, served.info.ref)
+            ready = await _model_inputs(ctx, front, served, inputs)
+            key = (served.info.name, served.info.version, target.variant)
+            results = await ctx.batcher.predict(key, served.predictor, ready, top_k)
     except Exception:
         ctx.metrics.predictions.labels(model=model, variant=variant, outcome="error").inc()
         raise

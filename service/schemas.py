@@ -20,6 +20,7 @@ from finetune_core.config import (DISTILL_GATE_POINTS, FREEZE_POLICIES, METRICS,
                                   REGRESSION_LOSSES, SCHEDULES, TASKS, TRUNCATIONS, config_from_dict,
                                   distill_config_from_dict)
 from finetune_core.errors import ConfigError
+from finetune_core.gen_predict import GENERATION_VARIANTS, Sampling
 from finetune_core.predict import DISTILLED_VARIANTS, VARIANTS
 from finetune_core.registry import validate_name
 from finetune_core.search_space import PRUNERS, SAMPLERS, search_spec_from_dict
@@ -36,6 +37,15 @@ MAX_TEXT_BYTES = 1 << 20
 # Bytes of one /predict or V2 infer body: a few large photos in base64, or a batch of small ones.
 MAX_PREDICT_BODY = 32 << 20
 DEFAULT_VARIANTS = ["onnx", "int8"]
+# Text generation: the longest answer one /predict call may ask for, the default, and stop strings per call.
+MAX_NEW_TOKENS = 512
+DEFAULT_NEW_TOKENS = 64
+MAX_STOP_STRINGS = 4
+# Prompts in one /predict call to a generation model (each costs up to MAX_NEW_TOKENS decoding steps), and
+# tokens in one prompt; more is a 413 / 422 naming the field.
+MAX_GENERATION_INPUTS = 16
+MAX_PROMPT_TOKENS = 2048
+GENERATION_ONLY_VARIANTS = tuple(v for v in GENERATION_VARIANTS if v not in VARIANTS)
 
 
 class Strict(BaseModel):
@@ -147,10 +157,28 @@ class FinetuneRequest(Strict):
 class PredictRequest(Strict):
     model: str | None = Field(None, description="a registered model name; optional when only one model exists")
     version: str | None = Field(None, description="vN, 'production' or 'latest' (default: production, else latest)")
-    variant: Literal[VARIANTS] | None = None
-    inputs: list[str] | None = Field(None, description="texts, for a text model")
+    variant: Literal[VARIANTS + GENERATION_ONLY_VARIANTS] | None = None
+    inputs: list[str] | None = Field(None, description="texts, for a text model; prompts, for a text-generation model")
     images: list[str] | None = Field(None, description="base64-encoded images (JPEG, PNG, ...), for an image model")
     top_k: int | None = Field(None, ge=1)
+    # Text-generation models only.
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
+                                       description=f"text generation: the longest answer in tokens (default {DEFAULT_NEW_TOKENS})")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="text generation: 0 (default) is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="text generation: nucleus sampling (with temperature > 0)")
+    stop: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS,
+                                   description="text generation: answers end before the first of these strings")
+    seed: int | None = Field(None, description="text generation: makes sampling repeatable")
+
+    def sampling(self) -> Sampling | None:
+        """The generation settings asked for, or None when none were (a classification request)."""
+        if all(getattr(self, name) is None for name in GENERATION_FIELDS):
+            return None
+        return Sampling(max_new_tokens=self.max_new_tokens or DEFAULT_NEW_TOKENS, temperature=self.temperature or 0.0,
+                        top_p=self.top_p if self.top_p is not None else 1.0, stop=tuple(self.stop or ()), seed=self.seed)
+
+
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
 
 class EvaluateRequest(Strict):

@@ -130,10 +130,42 @@ def tiny_causal_lm(tmp_path_factory) -> Path:
     where, gguf = resolve_causal_base("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          initializer_range=0.3)  # wide: 32-wide tied embeddings can then give sharp logits
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+COLOURS = {"apple": "red", "banana": "yellow", "grape": "purple", "lime": "green", "plum": "purple",
+           "lemon": "yellow", "cherry": "red", "kiwi": "green", "orange": "orange", "peach": "orange"}
+
+
+def colour_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    fruits = sorted(COLOURS)
+    rows = []
+    for _ in range(n):
+        fruit = rng.choice(fruits)
+        rows.append({"prompt": f"What colour is a {fruit}?", "completion": f"A {fruit} is {COLOURS[fruit]}."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_generation_run(tmp_path_factory, tiny_causal_lm):
+    """A LoRA run of the tiny Llama on 120 colour rows: (run folder, metrics, events)."""
+    from finetune_core.gen_config import generation_job_from_dict
+    from finetune_core.gen_pipeline import run_generation
+
+    folder = tmp_path_factory.mktemp("gen-run")
+    train = write_jsonl(folder / "train.jsonl", colour_rows(120))
+    job = generation_job_from_dict({"data": {"train": str(train), "max_new_tokens": 12, "max_length": 96},
+                                    "base_model": str(tiny_causal_lm),
+                                    "adapter": {"rank": 8, "alpha": 16, "dropout": 0.0},
+                                    "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "log_every_steps": 4,
+                                              "early_stopping_patience": 0}})
+    events = []
+    metrics = run_generation(job, folder / "run", on_event=events.append)
+    return folder / "run", metrics, events

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import colour_rows, write_jsonl
 from finetune_core import gen_data, gen_model
 from finetune_core.errors import ConfigError, DataError
 from finetune_core.gen_config import AdapterConfig, GenDataConfig, generation_job_from_dict
 from finetune_core.gen_eval import answer_scores, causal_lm_loss, greedy_tokens, rouge_l, token_loss
-from finetune_core.gen_pipeline import run_generation
-
-COLOURS = {"apple": "red", "banana": "yellow", "grape": "purple", "lime": "green", "plum": "purple",
-           "lemon": "yellow", "cherry": "red", "kiwi": "green", "orange": "orange", "peach": "orange"}
-
-
-def colour_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    fruits = sorted(COLOURS)
-    rows = []
-    for _ in range(n):
-        fruit = rng.choice(fruits)
-        rows.append({"prompt": f"What colour is a {fruit}?", "completion": f"A {fruit} is {COLOURS[fruit]}."})
-    return rows
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_causal_lm):
@@ -154,16 +138,8 @@ def test_greedy_answers_in_a_batch_match_one_at_a_time(tiny_causal_lm, tokenizer
     assert batched == single and all(batched)
 
 
-def test_a_tiny_lora_run_learns_and_writes_its_run_folder(tmp_path, tiny_causal_lm):
-    train = write_jsonl(tmp_path / "train.jsonl", colour_rows(120))
-    job = generation_job_from_dict({"data": {"train": str(train), "max_new_tokens": 12, "max_length": 96},
-                                    "base_model": str(tiny_causal_lm),
-                                    "adapter": {"rank": 8, "alpha": 16, "dropout": 0.0},
-                                    "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "log_every_steps": 4,
-                                              "early_stopping_patience": 0}})
-    events = []
-    metrics = run_generation(job, tmp_path / "run", on_event=events.append)
-    out = tmp_path / "run"
+def test_a_tiny_lora_run_learns_and_writes_its_run_folder(tiny_generation_run):
+    out, metrics, events = tiny_generation_run
     assert metrics["test"]["loss"] < metrics["base"]["loss"] - 2  # a random model starts near ln(49152) = 10.8
     assert metrics["test"]["perplexity"] < metrics["base"]["perplexity"] / 5
     assert set(metrics["test"]) >= {"exact_match", "rouge_l", "perplexity"} and metrics["scored_rows"] == 12
@@ -208,3 +184,37 @@ def test_the_cli_trains_text_generation_and_resumes_a_finished_run(tmp_path, tin
     assert saved["task"] == "text-generation" and saved["adapter"]["rank"] == 4 and saved["data"]["prompt_column"] == "q"
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the run is complete: resuming trains no more
     assert json.loads(capsys.readouterr().out)["train"]["steps"] == summary["train"]["steps"]
+
+
+def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with_its_speed(tiny_generation_run):
+    from finetune_core import registry
+    from finetune_core.gen_artifacts import export_generation
+    from finetune_core.gen_export import OnnxGenerator
+
+    out, _, _ = tiny_generation_run
+    info = export_generation(out / "model", "colours", prompts=10, max_new_tokens=12)
+    variants = info.manifest.variants
+    assert info.manifest.model.task == "text-generation" and set(variants) == {"pytorch", "onnx-genai"}
+    assert variants["onnx-genai"].proof["identical_greedy_tokens"] == 10
+    for variant in variants.values():
+        assert variant.figures["tokens_per_second_b1"] > 0 and variant.figures["tokens_per_second_b8"] > 0
+    # the registered ONNX model answers the held-out prompts as the eager model does
+    model, tokenizer = gen_model.load_saved(registry.variant_file(info, "pytorch"))
+    chats = [json.loads(line)["messages"] for line in (out / "splits" / "test.jsonl").open()]
+    prompts = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in chats]
+    onnx = OnnxGenerator(registry.variant_file(info, "onnx-genai"), tokenizer.eos_token_id)
+    assert [g.tokens for g in onnx.generate(prompts, 12)] == [
+        t[:-1] if t[-1:] == [tokenizer.eos_token_id] else t for t in greedy_tokens(model, tokenizer, chats, 12)]
+
+
+def test_an_export_that_generates_differently_is_refused_naming_the_prompt(tiny_generation_run, tiny_causal_lm, tmp_path):
+    from finetune_core.gen_export import GenerationExportError, OnnxGenerator, build_onnx, eager_greedy, prove_greedy
+
+    out, _, _ = tiny_generation_run
+    model, tokenizer = gen_model.load_saved(out / "model")
+    chats = [json.loads(line)["messages"] for line in (out / "splits" / "test.jsonl").open()][:4]
+    prompts = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in chats]
+    wrong = build_onnx(tiny_causal_lm, tmp_path / "base-onnx", padding_id=0)  # the base model, not the fine-tuned one
+    with pytest.raises(GenerationExportError, match=r"differs from the PyTorch model's \(alone\) on prompt 0 .* token 0"):
+        prove_greedy(eager_greedy(model, tokenizer, prompts, 8), OnnxGenerator(wrong, tokenizer.eos_token_id), prompts, 8,
+                     tokenizer)

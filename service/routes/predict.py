@@ -25,11 +25,13 @@ REST = inference.FrontEnd(variant_field="variant", send_texts="send them as inpu
     "application/json": {"schema": PredictRequest.model_json_schema()},
     "multipart/form-data": {"schema": predict_inputs.MULTIPART_SCHEMA}}}})
 async def predict(request: Request) -> dict:
-    """Texts (`inputs`) or base64 images (`images`) as JSON, or image `files` as multipart/form-data."""
+    """Texts (`inputs`) or base64 images (`images`) as JSON, or image `files` as multipart/form-data; prompts
+    (`inputs`) and the generation fields for a text-generation model."""
     ctx = context(request)
     body, inputs = await predict_inputs.read(request, ctx.metrics)
     served, predictions = await inference.predict(ctx, REST, inference.Target(body.model, body.version, body.variant),
-                                                  inputs, body.top_k)
+                                                  inputs, body.top_k,
+                                                  generation=inference.GenerationAsk(body.sampling(), body))
     return {"model": {"name": served.info.name, "version": served.info.version}, "variant": served.predictor.variant,
             "predictions": predictions}
 

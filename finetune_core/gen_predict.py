@@ -1,0 +1,95 @@
+"""GenerationPredictor: prompts in, generated texts out, for a registered text-generation version.
+
+Each prompt is a user turn, rendered with the model's chat template as in training. The `onnx-genai`
+variant (onnxruntime-genai, proven token-identical at export) is served by default; `pytorch` runs
+transformers' generate on the merged model. Load once, generate many; safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import gen_data, registry
+from .errors import ConfigError
+from .gen_export import Generated, OnnxGenerator, eager_generate
+from .metadata import ModelMeta, read_meta
+
+GENERATION_VARIANTS = ("onnx-genai", "pytorch")  # the default first
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # the answer is cut before the first of these
+    seed: int | None = None
+
+
+class GenerationPredictor:
+    def __init__(self, tokenizer, meta: ModelMeta, variant: str, generate):
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.variant = variant
+        self._generate = generate  # (prompt ids, Sampling) -> list[Generated]
+        self._lock = threading.Lock()
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        return [gen_data.prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+
+    def generate(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[dict]:
+        """One {"text", "tokens", "finish_reason"} per prompt; finish_reason is stop (end of turn or a stop
+        string) or length (max_new_tokens reached)."""
+        if isinstance(prompts, str):
+            raise ConfigError("generate: pass a list of prompts, not a single string")
+        return self.generate_ids(self.prompt_ids(list(prompts)), sampling)
+
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[dict]:
+        """generate() for prompts already rendered and tokenized by prompt_ids(). One batch at a time: the
+        backends use every core for one batch; two at once would share the cores and end no sooner."""
+        with self._lock:
+            answers = self._generate(prompt_ids, sampling)
+        out = []
+        for answer in answers:
+            text = self.tokenizer.decode(answer.tokens, skip_special_tokens=True)
+            reason = answer.finish_reason
+            cut = [text.index(s) for s in sampling.stop if s and s in text]
+            if cut:
+                text, reason = text[: min(cut)], "stop"
+            out.append({"text": text, "tokens": len(answer.tokens), "finish_reason": reason})
+        return out
+
+
+def load_generation_predictor(info: registry.VersionInfo, variant: str | None = None) -> GenerationPredictor:
+    variants = info.manifest.variants
+    usable = [v for v in GENERATION_VARIANTS if v in variants and variants[v].accepted]
+    variant = variant or usable[0]
+    if variant not in variants:
+        raise registry.NotFoundError(f"{info.ref} is a text-generation model; its variants are {', '.join(usable)}")
+    model_dir = registry.model_dir(info)
+    meta = read_meta(model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if variant == "onnx-genai":
+        generator = OnnxGenerator(registry.variant_file(info, variant), tokenizer.eos_token_id)
+
+        def generate(prompts: list[list[int]], s: Sampling) -> list[Generated]:
+            return generator.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
+    else:
+        generate = _eager(model_dir, tokenizer)
+    return GenerationPredictor(tokenizer, meta, variant, generate)
+
+
+def _eager(model_dir: Path, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(prompts: list[list[int]], s: Sampling) -> list[Generated]:
+        return eager_generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
+
+    return generate
