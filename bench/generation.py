@@ -8,6 +8,7 @@ base model knows the format: the margin shows what fine-tuning buys.
 
     .venv/bin/python bench/generation.py quality                   # ~20 min on 2 CPU cores
     .venv/bin/python bench/generation.py quality --rows 300 --epochs 1   # a quick look
+    .venv/bin/python bench/generation.py speed --run runs/generation-bench/run  # tokens/s, eager vs ONNX
 
 It prints a table (base vs fine-tuned: validation perplexity, held-out exact match and ROUGE-L) and
 writes the run folder (samples.jsonl holds answers side by side).
@@ -67,15 +68,59 @@ def quality(args) -> None:
     wall = time.perf_counter() - started
     scored = metrics["test"]
     print(f"\nCMU dictionary, {args.rows} rows (80/10/10), {metrics['scored_rows']} held-out words generated greedily")
-    print(f"{'model':<28}{'val perplexity':>16}{'test loss':>11}{'exact match':>13}{'ROUGE-L':>9}")
-    base = metrics["base"]
-    print(f"{'SmolLM2-135M (base)':<28}{base['perplexity']:>16.2f}{base['loss']:>11.3f}{base['exact_match']:>13.3f}"
-          f"{base['rouge_l']:>9.3f}")
-    print(f"{'fine-tuned (' + args.method + ')':<28}{metrics['validation']['perplexity']:>16.2f}{scored['loss']:>11.3f}"
-          f"{scored['exact_match']:>13.3f}{scored['rouge_l']:>9.3f}")
+    print(f"{'model':<28}{'val loss':>10}{'val perplexity':>16}{'test exact match':>18}{'test ROUGE-L':>14}")
+    base, tuned = metrics["base"], metrics["validation"]
+    print(f"{'SmolLM2-135M (base)':<28}{base['loss']:>10.3f}{base['perplexity']:>16.2f}{base['exact_match']:>18.3f}"
+          f"{base['rouge_l']:>14.3f}")
+    print(f"{'fine-tuned (' + args.method + ')':<28}{tuned['loss']:>10.3f}{tuned['perplexity']:>16.2f}"
+          f"{scored['exact_match']:>18.3f}{scored['rouge_l']:>14.3f}")
     train = metrics["train"]
     print(f"training {train['train_seconds']:.0f} s ({train['steps']} steps, {train['samples_per_second']:.1f} rows/s), "
           f"whole run {wall:.0f} s; run folder {work / 'run'}")
+
+
+def speed(args) -> None:
+    """Tokens/s of transformers' generate and of the ONNX model on the same merged model and prompts."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    from finetune_core import gen_data, gen_export, gen_model
+    from finetune_core.gen_artifacts import held_out_conversations
+
+    run = Path(args.run)
+    model, tokenizer = gen_model.load_saved(run / "model")
+    prompts = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in held_out_conversations(run)[: args.prompts]]
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_dir = gen_export.build_onnx(run / "model", Path(scratch) / "onnx", "fp32",
+                                         gen_export.padding_id(tokenizer, prompts))
+        generator = gen_export.OnnxGenerator(onnx_dir, tokenizer.eos_token_id)
+        reference = gen_export.eager_greedy(model, tokenizer, prompts[:8], args.max_new_tokens)
+        gen_export.prove_greedy(reference, generator, prompts[:8], args.max_new_tokens, tokenizer)
+
+        def rate(run_batch, size: int) -> float:
+            started, produced = time.perf_counter(), 0
+            for i in range(0, len(prompts), size):
+                produced += sum(len(g.tokens) for g in run_batch(prompts[i:i + size]))
+            return produced / (time.perf_counter() - started)
+
+        def eager(group):
+            return gen_export.eager_generate(model, tokenizer, group, args.max_new_tokens)
+
+        def onnx(group):
+            return generator.generate(group, args.max_new_tokens)
+
+        print(f"\n{len(prompts)} held-out prompts of {run}, greedy, at most {args.max_new_tokens} new tokens, "
+              f"{torch.get_num_threads()} threads; median of {args.rounds} rounds (interleaved)")
+        print(f"{'batch':>5}{'transformers generate tok/s':>30}{'onnxruntime-genai tok/s':>26}{'ratio':>8}")
+        for size in args.batches:
+            figures = {"eager": [], "onnx": []}
+            for _ in range(args.rounds):
+                figures["eager"].append(rate(eager, size))
+                figures["onnx"].append(rate(onnx, size))
+            e, o = statistics.median(figures["eager"]), statistics.median(figures["onnx"])
+            print(f"{size:>5}{e:>30.1f}{o:>26.1f}{o / e:>7.2f}x")
 
 
 def _progress(event: dict) -> None:
@@ -103,6 +148,13 @@ def main() -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="runs/generation-bench")
     q.set_defaults(handler=quality)
+    sp = commands.add_parser("speed", help="tokens/s: transformers generate vs the ONNX model, same merged model")
+    sp.add_argument("--run", default="runs/generation-bench/run", help="a text-generation run folder")
+    sp.add_argument("--prompts", type=int, default=32)
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.set_defaults(handler=speed)
     args = parser.parse_args()
     args.handler(args)
 

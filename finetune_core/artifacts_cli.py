@@ -19,7 +19,8 @@ def add_commands(subparsers) -> None:
     export = subparsers.add_parser("export", help="export a trained model into a new registered version")
     export.add_argument("--model", required=True, help="the trained model folder, RUN_DIR/model")
     export.add_argument("--name", required=True, help="registry name to add a version to")
-    export.add_argument("--variants", default="onnx,torchscript,int8,bf16", help="comma-separated: onnx, torchscript, int8, bf16")
+    export.add_argument("--variants", default="onnx,torchscript,int8,bf16", help="comma-separated: onnx, torchscript, int8, "
+                        "bf16 (text-generation models: always pytorch and onnx-genai, proven on the run's held-out prompts)")
     export.add_argument("--validation", help="JSONL with text and label; image models: an image list (image, label) or a "
                         "class folder (default: RUN_DIR/splits/validation.jsonl)")
     column_flags(export)
@@ -31,6 +32,7 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--variant", help="pytorch, onnx, torchscript, int8, bf16, distilled or distilled-int8 "
                          "(default: the fastest accepted one, as measured at export)")
     predict.add_argument("--top-k", type=int, default=None, help="how many label scores to return per input")
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="text-generation models: the longest answer")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="texts; for image models, image files")
     predict.set_defaults(handler=_predict)
 
@@ -64,7 +66,14 @@ def column_flags(parser: argparse.ArgumentParser, remembered: bool = True) -> No
 
 def _export(args: argparse.Namespace) -> int:
     from .artifacts import export_version
+    from .gen_config import GENERATION_TASK
+    from .metadata import read_meta
 
+    if read_meta(args.model).task == GENERATION_TASK:  # its variants are fixed: the model and its proven ONNX form
+        from .gen_artifacts import export_generation
+
+        _print(export_generation(args.model, args.name).manifest.to_dict())
+        return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     info = export_version(args.model, args.name, variants, args.validation, args.gate,
                           args.text_column, args.label_column, args.image_column)
@@ -74,11 +83,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from . import registry
+    from .gen_predict import GenerationPredictor, Sampling
     from .predict import ImagePredictor, load_predictor
 
     name, ref = registry.parse_ref(args.model)
     info = registry.resolve(name, ref)
     predictor = load_predictor(info, args.variant)
+    if isinstance(predictor, GenerationPredictor):
+        answers = predictor.generate(args.inputs, Sampling(max_new_tokens=args.max_new_tokens))
+        _print({"model": info.ref, "variant": predictor.variant, "predictions": answers})
+        return 0
     if isinstance(predictor, ImagePredictor):
         missing = [path for path in args.inputs if not Path(path).is_file()]
         if missing:

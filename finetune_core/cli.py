@@ -305,9 +305,17 @@ def cmd_distill(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .metadata import read_meta
     from .pipeline import evaluate_saved
 
-    metrics = evaluate_saved(args.model, args.data, args.text_column, args.label_column, args.image_column, args.batch_size)
+    if read_meta(args.model).task == GENERATION_TASK:  # text_column / label_column name the prompt and completion
+        from .gen_pipeline import evaluate_saved_generation
+
+        metrics = evaluate_saved_generation(args.model, args.data, args.text_column, args.label_column,
+                                            batch_size=min(args.batch_size, 16))
+    else:
+        metrics = evaluate_saved(args.model, args.data, args.text_column, args.label_column, args.image_column,
+                                 args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
 

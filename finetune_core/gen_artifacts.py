@@ -39,7 +39,7 @@ def export_generation(model_dir: str | Path, name: str, run_dir: str | Path | No
     if meta.task != GENERATION_TASK:
         raise ModelError(f"'{model_dir}' is a {meta.task} model; export it with export_version")
     run_dir = Path(run_dir) if run_dir is not None else model_dir.parent
-    conversations = _held_out(run_dir)[:prompts]
+    conversations = held_out_conversations(run_dir)[:prompts]
     model, tokenizer = gen_model.load_saved(model_dir)
     prompt_ids = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in conversations]
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as scratch:
@@ -84,7 +84,7 @@ def tokens_per_second(model, tokenizer, generator: gen_export.OnnxGenerator, pro
     return out
 
 
-def _held_out(run_dir: Path) -> list[list[dict]]:
+def held_out_conversations(run_dir: Path) -> list[list[dict]]:
     for role in ("test", "validation"):
         path = run_dir / "splits" / f"{role}.jsonl"
         if path.is_file():

@@ -29,8 +29,9 @@ class GenerationExportError(FinetuneError):
 def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", padding_id: int | None = None) -> Path:
     """Run the builder on a saved (merged) model folder; `padding_id` replaces the config's pad token.
 
-    onnxruntime-genai masks every input token equal to pad_token_id. Chat models often pad with their end
-    of turn, which also sits inside every templated prompt, so the padding must be a token prompts never hold.
+    onnxruntime-genai masks every input token equal to pad_token_id, padding or not. Chat models often pad
+    with their end of turn, which sits inside every templated prompt, so the pad id must be a token prompts
+    never hold.
     """
     out_dir = Path(out_dir)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
@@ -49,7 +50,7 @@ def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
 
 
 def padding_id(tokenizer, prompts: list[list[int]]) -> int:
-    """A special token that none of the prompts holds: the padding onnxruntime-genai can mask safely."""
+    """A special token that none of the prompts holds: onnxruntime-genai masks its pad id wherever it occurs."""
     seen = {t for p in prompts for t in p}
     candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                   *sorted(tokenizer.all_special_ids), len(tokenizer) - 1]
@@ -74,13 +75,26 @@ class OnnxGenerator:
         self.og = og
         self.model = og.Model(str(folder))
         config = json.loads((Path(folder) / "genai_config.json").read_text())
-        self.pad_id = config["model"]["pad_token_id"]
         self.context = config["model"]["context_length"]
         self.eos_id = eos_token_id
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> list[Generated]:
-        width = max(len(p) for p in prompts)
+        """Prompts of one length run as one batch, so none is padded: with left padding onnxruntime-genai 0.18's
+        greedy answers differed from the PyTorch model's on 3 of 8 held-out prompts (logit gaps of 0.2, not
+        ties), where unpadded rows matched alone and in batches."""
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        out: list[Generated | None] = [None] * len(prompts)
+        for rows in by_length.values():
+            for i, answer in zip(rows, self._batch([prompts[i] for i in rows], max_new_tokens, temperature, top_p, seed)):
+                out[i] = answer
+        return out
+
+    def _batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+               seed: int | None) -> list[Generated]:
+        width = len(prompts[0])
         params = self.og.GeneratorParams(self.model)
         options = {"max_length": min(width + max_new_tokens, self.context), "do_sample": temperature > 0,
                    "batch_size": len(prompts)}
@@ -90,10 +104,7 @@ class OnnxGenerator:
                 options["random_seed"] = seed
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
-        batch = np.full((len(prompts), width), self.pad_id, dtype=np.int32)
-        for r, p in enumerate(prompts):  # left padding: every row's next token comes at the same position
-            batch[r, width - len(p):] = p
-        generator.append_tokens(batch)
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
         answers: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         steps = 0

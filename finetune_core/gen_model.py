@@ -94,15 +94,28 @@ def merged(model: nn.Module) -> nn.Module:
     return model
 
 
-def save(model: nn.Module, tokenizer, folder: str | Path) -> None:
-    """The adapters alone (when there are any) under adapter/, then the merged model and tokenizer."""
+def save(model: nn.Module, tokenizer, folder: str | Path) -> nn.Module:
+    """The adapters alone (when there are any) under adapter/, then the merged model and tokenizer; returns the
+    merged model (the adapted one is merged in place: use the returned model from here on)."""
     folder = Path(folder)
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder / ADAPTER_FOLDER)
     plain = merged(model)
     plain.config.use_cache = True
+    _forget_gguf(plain)
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return plain
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """A model read from a GGUF file keeps transformers' GGUF "quantizer", which refuses save_pretrained; its
+    weights are plain float32 by then (de-quantised at load), so the saved folder is an ordinary model."""
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(model.hf_quantizer.quantization_config.quant_method).lower():
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_saved(folder: str | Path) -> tuple[nn.Module, object]:

@@ -113,6 +113,11 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
         if result.status == "cancelled":
             return {"base": base_scores, "validation": None, "test": None, "train": train_info}
 
+        # Saved first (merging the adapters into the weights), then scored as saved: the merged model is the one
+        # exported and served, and it generates faster than base + adapters.
+        model = gen_model.save(model, tokenizer, output / "model")
+        write_meta(ModelMeta(task=GENERATION_TASK, labels=None, base_model=job.base_model, max_length=d.max_length,
+                             text_column=d.prompt_column, label_column=d.completion_column), output / "model")
         tuned_answers, tuned_scores = answers_and_scores(model)
         metrics = {"base": base_scores,
                    "validation": token_loss(model, rows["validation"], tc.eval_batch_size),
@@ -127,10 +132,6 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
                 prompt = next(t["content"] for t in reversed(scored[i]) if t["role"] == "user")
                 f.write(json.dumps({"prompt": prompt, "reference": references[i],
                                     "base": base_answers[i] if base_answers else None, "fine_tuned": tuned_answers[i]}) + "\n")
-        model.to("cpu")
-        gen_model.save(model, tokenizer, output / "model")
-        write_meta(ModelMeta(task=GENERATION_TASK, labels=None, base_model=job.base_model, max_length=d.max_length,
-                             text_column=d.prompt_column, label_column=d.completion_column), output / "model")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plots = output / "plots"
         plots.mkdir(exist_ok=True)
@@ -141,3 +142,25 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
         return metrics
     finally:
         sink.close()
+
+
+def evaluate_saved_generation(model_dir: str | Path, data: str, prompt_column: str | None = None,
+                              completion_column: str | None = None, max_new_tokens: int = 64,
+                              batch_size: int = 16) -> dict:
+    """A saved (merged) model on a table of prompts and completions: answer loss and perplexity, and exact
+    match and ROUGE-L of its greedy answers. Columns default to the ones it was trained with."""
+    from types import SimpleNamespace
+
+    from .metadata import read_meta
+
+    meta = read_meta(model_dir)
+    columns = SimpleNamespace(prompt_column=prompt_column or meta.text_column,
+                              completion_column=completion_column or meta.label_column,
+                              messages_column="messages", system_prompt=None)
+    read = gen_data.read_conversations(data, columns, "evaluation")
+    model, tokenizer = gen_model.load_saved(model_dir)
+    rows, report = gen_data.encode(tokenizer, read.turns, meta.max_length or 256)
+    answers = greedy_answers(model, tokenizer, read.turns, max_new_tokens, batch_size, meta.max_length)
+    references = [turns[-1]["content"] for turns in read.turns]
+    return {**token_loss(model, rows, batch_size), **answer_scores(answers, references), "rows": len(read.turns),
+            "dropped": read.dropped, "tokens_report": report, "max_new_tokens": max_new_tokens}

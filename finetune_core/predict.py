@@ -28,7 +28,7 @@ from .data import tokenize
 from .errors import ConfigError, DataError
 from .export import Batch, Forward, model_input_names
 from .gen_config import GENERATION_TASK
-from .gen_predict import GenerationPredictor, load_generation_predictor
+from .gen_predict import GENERATION_VARIANTS, GenerationPredictor, load_generation_predictor
 from .metadata import ModelMeta, read_meta
 from .model import bf16_supported, logits_of
 
@@ -296,6 +296,9 @@ def load_predictor(
     usable = [v for v in VARIANTS if v in variants and variants[v].accepted]
     if variant is None:
         variant = default_variant(info)
+    elif variant in GENERATION_VARIANTS:
+        raise registry.NotFoundError(f"{info.ref} is a {info.manifest.model.task} model and '{variant}' is a "
+                                     f"text-generation variant; it has {', '.join(usable)}")
     elif variant not in VARIANTS:
         raise ConfigError(f"variant '{variant}' is unknown; choose one of {', '.join(VARIANTS)}")
     elif variant not in variants:

@@ -12,20 +12,23 @@ reference, and a text version's folder loads only with its own number of labels 
 from __future__ import annotations
 
 from finetune_core.config import DEFAULT_BASE_MODEL
+from finetune_core.gen_config import DEFAULT_CAUSAL_BASE, GENERATION_TASK
 from finetune_core.image_model import DEFAULT_ARCH
 
 from .errors import FieldError
 from .settings import env_name, settings
 
 # The names the bundled weights go by (finetune_core/model.py, image_model.py), per kind of task.
-BUNDLED = {"text": ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"), "image": (DEFAULT_ARCH,)}
+BUNDLED = {"text": ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"), "image": (DEFAULT_ARCH,),
+           "generation": (DEFAULT_CAUSAL_BASE, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 
 
 def allowed_base_model(name: str, task: str) -> str:
     """The base model the core gets for a request's `base_model`, or a FieldError on `base_model`."""
-    bundled = BUNDLED["image" if task.startswith("image") else "text"]
+    kind = "generation" if task == GENERATION_TASK else "image" if task.startswith("image") else "text"
+    bundled = BUNDLED[kind]
     if name == DEFAULT_BASE_MODEL or name in bundled:
-        return DEFAULT_BASE_MODEL
+        return DEFAULT_CAUSAL_BASE if kind == "generation" else DEFAULT_BASE_MODEL
     configured = settings().base_model_names
     if name in configured:
         return name

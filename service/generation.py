@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from fastapi.concurrency import run_in_threadpool
 
+from finetune_core.errors import DataError
 from finetune_core.gen_predict import GenerationPredictor, Sampling
 
 from .errors import HTTPError
-from .schemas import DEFAULT_NEW_TOKENS, GENERATION_FIELDS, MAX_GENERATION_INPUTS, MAX_PROMPT_TOKENS
+from .schemas import DEFAULT_NEW_TOKENS, MAX_GENERATION_INPUTS, MAX_PROMPT_TOKENS
 
 
 class PromptTooLong(Exception):
@@ -44,10 +45,9 @@ async def generate(served, inputs, sampling: Sampling | None, top_k: int | None,
     return results
 
 
-def refuse_generation_fields(body, ref: str) -> None:
-    """A classification model asked for generation settings: name the first one sent."""
-    sent = next(name for name in GENERATION_FIELDS if getattr(body, name) is not None)
-    raise HTTPError(422, f"{sent}: is for text-generation models; {ref} is a classification or regression model", sent)
+def refuse_generation_fields(field: str, ref: str) -> None:
+    """A classification model was sent a generation setting: name it."""
+    raise HTTPError(422, f"{field}: is for text-generation models; {ref} is a classification or regression model", field)
 
 
 def _generate(predictor: GenerationPredictor, prompts: list[str], sampling: Sampling) -> list[dict]:
@@ -56,3 +56,55 @@ def _generate(predictor: GenerationPredictor, prompts: list[str], sampling: Samp
         if len(prompt) > MAX_PROMPT_TOKENS:
             raise PromptTooLong(index, len(prompt))
     return predictor.generate_ids(ids, sampling)
+
+
+# Rows one /evaluate call generates for at most: each is a greedy generation inside the request.
+MAX_EVALUATE_ROWS = 500
+EVALUATE_NEW_TOKENS = 64
+
+
+def evaluate_generation(info, predictor: GenerationPredictor, stored, prompt_column: str, completion_column: str) -> dict:
+    """POST /evaluate for a text-generation version: greedy answers to an uploaded table's prompts, scored
+    against its completions (exact match, ROUGE-L), with the rows dropped and the overlap with training."""
+    from types import SimpleNamespace
+
+    from finetune_core.gen_data import read_conversations
+    from finetune_core.gen_eval import answer_scores
+
+    columns = SimpleNamespace(prompt_column=prompt_column, completion_column=completion_column,
+                              messages_column="messages", system_prompt=None)
+    try:
+        read = read_conversations(stored.path, columns, "data")
+    except DataError as err:  # named by the dataset's id, not the server's path to it
+        raise HTTPError(422, "data: " + str(err).replace(f"data file '{stored.path}'", f"'{stored.id}'"), "data") from None
+    if len(read.turns) > MAX_EVALUATE_ROWS:
+        raise HTTPError(413, f"data: {len(read.turns)} rows; a text-generation model is evaluated on at most "
+                             f"{MAX_EVALUATE_ROWS} per call (each is a generation)", "data")
+    prompts = [next(t["content"] for t in reversed(turns[:-1]) if t["role"] == "user") for turns in read.turns]
+    references = [turns[-1]["content"] for turns in read.turns]
+    trained = _training_prompts(info)
+    overlap = None if trained is None else sum(p in trained for p in prompts)
+    if overlap is not None and overlap > len(prompts) / 2:
+        raise HTTPError(422, f"data: {overlap} of the {len(prompts)} prompts of '{stored.id}' are prompts {info.ref} was "
+                             "trained on; scores on them measure memory, not generalisation", "data")
+    answers = predictor.generate_ids([predictor.prompt_ids([p])[0] for p in prompts],
+                                     Sampling(max_new_tokens=EVALUATE_NEW_TOKENS))
+    texts = [a["text"].strip() for a in answers]
+    return {"dataset": stored.id, "rows": len(prompts), "dropped": read.dropped, "training_overlap": overlap,
+            **answer_scores(texts, references), "max_new_tokens": EVALUATE_NEW_TOKENS,
+            "samples": [{"prompt": p, "reference": r, "generated": t} for p, r, t in list(zip(prompts, references, texts))[:5]]}
+
+
+def _training_prompts(info) -> set[str] | None:
+    import json
+    from pathlib import Path
+
+    source = info.manifest.source_run
+    path = Path(source) / "splits" / "train.jsonl" if source else None
+    if path is None or not path.is_file():
+        return None
+    prompts = set()
+    for line in path.read_text().splitlines():
+        turns = json.loads(line)["messages"]
+        prompts.add(next(t["content"] for t in reversed(turns[:-1]) if t["role"] == "user"))
+    return prompts

@@ -76,10 +76,11 @@ Inputs = Texts | Images | Pixels
 
 @dataclass(frozen=True)
 class GenerationAsk:
-    """The generation settings a request sent (None: none were) and the request, to name a refused field."""
+    """The generation settings a request sent (None: none were) and the fields that carried them, as the
+    front end names them (`temperature`, `parameters.temperature`), to name one a classifier refuses."""
 
     sampling: Sampling | None
-    body: object
+    fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ async def predict(ctx: Context, front: FrontEnd, target: Target, inputs: Inputs,
             results = await generate(served, inputs, generation.sampling if generation else None, top_k, ctx.metrics,
                                      model)
         else:
-            if generation is not None and generation.sampling is not None:
-                refuse_generation_fields(generation.body, served.info.ref)
+            if generation is not None and generation.fields:
+                refuse_generation_fields(generation.fields[0], served.info.ref)
             ready = await _model_inputs(ctx, front, served, inputs)
             key = (served.info.name, served.info.version, target.variant)
             results = await ctx.batcher.predict(key, served.predictor, ready, top_k)

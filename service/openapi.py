@@ -152,7 +152,7 @@ EXTRA = {
     "/jobs/{job_id}/events": {"responses": {"200": _json(_object(
         {"events": _array(_object({"seq": _INTEGER, "type": _STRING})), "next": _INTEGER}))}},
     "/jobs/{job_id}/artifacts/{name}": {"responses": {"200": {
-        "description": "the file: a PNG plot, data_report.json, or label_issues.jsonl (JSON lines)",
+        "description": "the file: a PNG plot, data_report.json, or label_issues.jsonl or samples.jsonl (JSON lines)",
         "content": {"image/png": _BINARY, "application/json": {"schema": _OBJECT},
                     "text/plain": {"schema": _STRING}}}}},
     "/models": {"responses": {"200": _json(_object({"models": _array(_object(
@@ -161,7 +161,8 @@ EXTRA = {
                                "responses": {"200": _json(_object({"name": _STRING, "production": _STRING}))}},
     "/predict": {"requestBody": _example({"model": "sst2-minilm", "inputs": ["a moving, funny film", "a dull mess"]}),
                  "responses": {"200": _json(_object({"model": _VERSION_REF, "variant": _STRING, "predictions": _array(
-                     _OBJECT, description="per input: label, score, scores (classifiers); value (regression)")}))}},
+                     _OBJECT, description="per input: label, score, scores (classifiers); value (regression); "
+                                          "text, tokens, finish_reason (text generation)")}))}},
     "/evaluate": {"requestBody": _example({"model": "sst2-minilm", "data": "ds-0123456789abcdef"}),
                   "responses": {"200": _json(_object({"model": _VERSION_REF, "variant": _STRING}))}},
     "/v2/health/ready": {"responses": {

@@ -20,6 +20,8 @@ from finetune_core.config import (DISTILL_GATE_POINTS, FREEZE_POLICIES, METRICS,
                                   REGRESSION_LOSSES, SCHEDULES, TASKS, TRUNCATIONS, config_from_dict,
                                   distill_config_from_dict)
 from finetune_core.errors import ConfigError
+from finetune_core.gen_config import GENERATION_TASK, generation_job_from_dict
+from finetune_core.gen_config import METHODS as ADAPTER_METHODS
 from finetune_core.gen_predict import GENERATION_VARIANTS, Sampling
 from finetune_core.predict import DISTILLED_VARIANTS, VARIANTS
 from finetune_core.registry import validate_name
@@ -133,8 +135,19 @@ class DistillVersionRequest(Strict):
     validation: str | None = Field(None, description="a dataset id: the rows for early stopping and the gate")
 
 
+class AdapterRequest(Strict):
+    """Text generation: LoRA adapters (finetune_core/gen_config.py AdapterConfig), or full fine-tuning."""
+
+    method: Literal[ADAPTER_METHODS] | None = None
+    rank: int | None = None
+    alpha: int | None = None
+    dropout: float | None = None
+    target_modules: list[str] | None = None
+    gradient_checkpointing: bool | None = None
+
+
 class FinetuneRequest(Strict):
-    task: Literal[TASKS] = "text-classification"
+    task: Literal[TASKS + (GENERATION_TASK,)] = "text-classification"
     base_model: str = Field("default", description='"default" (bundled MiniLM for text, EfficientNet-Lite0 for images), '
                                                    "a bundled model's name, or one the operator lists in "
                                                    f"{env_name('base_models')} (service/base_models.py)")
@@ -152,6 +165,10 @@ class FinetuneRequest(Strict):
     model_name: str
     search: SearchRequest | None = Field(None, description="tune the hyperparameters first; the best trial's model is "
                                                            "evaluated, exported and registered")
+    # Text generation only: the prompt and completion columns are text_column and label_column (default prompt
+    # and completion; a "messages" column of chat turns is used when the table has one).
+    system_prompt: str | None = Field(None, description="text generation: a system turn before every prompt")
+    adapter: AdapterRequest | None = Field(None, description="text generation: LoRA settings, or method 'full'")
 
 
 class PredictRequest(Strict):
@@ -170,6 +187,9 @@ class PredictRequest(Strict):
                                    description="text generation: answers end before the first of these strings")
     seed: int | None = Field(None, description="text generation: makes sampling repeatable")
 
+    def generation_fields(self) -> tuple[str, ...]:
+        return tuple(name for name in GENERATION_FIELDS if getattr(self, name) is not None)
+
     def sampling(self) -> Sampling | None:
         """The generation settings asked for, or None when none were (a classification request)."""
         if all(getattr(self, name) is None for name in GENERATION_FIELDS):
@@ -184,7 +204,7 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 class EvaluateRequest(Strict):
     model: str
     version: str | None = None
-    variant: Literal[VARIANTS] | None = None
+    variant: Literal[VARIANTS + GENERATION_ONLY_VARIANTS] | None = None
     data: str = Field(description="a dataset id from POST /datasets; image folders: its test split, else validation, "
                                   "else train")
     text_column: str = "text"
@@ -224,6 +244,11 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
         validate_name(request.model_name)
     except ConfigError as err:
         raise FieldError("model_name", f"model_name: {err}") from None
+    if request.task == GENERATION_TASK:
+        return _generation_spec(request, dataset_paths)
+    for name in ("system_prompt", "adapter"):
+        if getattr(request, name) is not None:
+            raise FieldError(name, f"{name}: is for text-generation jobs; this is a {request.task} job")
     hp = request.hyperparameters.model_dump(exclude_none=True)
     data = {"task": request.task, **(data_defaults or {}), **dataset_paths}
     for name in ("text_column", "image_column", "label_column"):
@@ -254,6 +279,43 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
     if request.search is not None:  # its errors already name the request field (search.space.learning_rate.low: ...)
         spec["search"] = search_spec_from_dict(request.search.model_dump(exclude_none=True), cfg).to_dict()
     return spec
+
+
+# Hyperparameters of the other tasks, refused in a text-generation job rather than silently ignored.
+_NOT_FOR_GENERATION = ("truncation", "freeze", "min_rows_per_class", "image_size", "augment", "horizontal_flip",
+                       "class_weights", "label_smoothing", "regression_loss")
+_GENERATION_FIELD = re.compile(r"^(data|adapter|train)\.([a-z_]+):\s*")
+
+
+def _generation_spec(request: FinetuneRequest, dataset_paths: dict[str, str]) -> dict:
+    """A text-generation job: its GenerationJob as a dict, checked by the core, under "generation"."""
+    for name in ("variants", "distillation", "search"):
+        if name in request.model_fields_set:
+            raise FieldError(name, f"{name}: a text-generation version always holds the merged model (pytorch) and its "
+                                   f"proven ONNX form (onnx-genai); leave {name} out")
+    hp = request.hyperparameters.model_dump(exclude_none=True)
+    for name in _NOT_FOR_GENERATION:
+        if name in hp:
+            raise FieldError(f"hyperparameters.{name}", f"hyperparameters.{name}: is not a text-generation setting")
+    data = {**dataset_paths, "prompt_column": request.text_column or "prompt",
+            "completion_column": request.label_column or "completion", "system_prompt": request.system_prompt}
+    for name in ("max_length", "split_seed"):
+        if name in hp:
+            data[name] = hp.pop(name)
+    raw = {"data": {k: v for k, v in data.items() if v is not None}, "base_model": request.base_model,
+           "adapter": request.adapter.model_dump(exclude_none=True) if request.adapter else {}, "train": hp}
+    try:
+        job = generation_job_from_dict(raw)
+    except ConfigError as err:
+        message = str(err)
+        match = _GENERATION_FIELD.match(message)
+        if match is None:
+            raise FieldError(None, message) from None
+        section, name = match.group(1), match.group(2)
+        field = f"adapter.{name}" if section == "adapter" else {
+            "prompt_column": "text_column", "completion_column": "label_column"}.get(name) or request_field(f"{section}.{name}")
+        raise FieldError(field, f"{field}: {message[match.end():]}") from None
+    return {"generation": job.to_dict(), "model_name": request.model_name, "variants": list(GENERATION_VARIANTS)}
 
 
 def _variants(asked: list[str]) -> list[str]:

@@ -157,6 +157,8 @@ def run(store: JobStore, job_id: str, attempt: int) -> str:
                                                           "before recording it; nothing is trained again")
         if "distill_from" in job.spec:
             return _distil_version(store, job, run_dir, progress)
+        if "generation" in job.spec:
+            return _generation(store, job, run_dir, progress)
         distil = "distill" in job.spec
         if distil:
             progress.start_phase("teacher", (0.0, TEACHER_SHARE))
@@ -266,6 +268,26 @@ def _distil_version(store: JobStore, job: Job, run_dir: Path, progress: Progress
         return CANCELLED
     distilled = json.loads((distill_dir(run_dir) / "metrics.json").read_text())
     return _succeed(store, job, {"teacher": {"name": source["name"], "version": source["version"]}}, distilled, info)
+
+
+def _generation(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> str:
+    """Fine-tune a causal language model (a later attempt resumes it), then export and register it."""
+    from finetune_core.gen_artifacts import export_generation
+    from finetune_core.gen_config import generation_job_from_dict
+    from finetune_core.gen_pipeline import run_generation
+
+    resume = job.attempt > 1 and (run_dir / "config.json").is_file()
+    gen = None if resume else _with_threads(generation_job_from_dict(job.spec["generation"]))
+    if resume:
+        store.update(job.id, job.attempt, event={"type": "resuming", "run_dir": str(run_dir)})
+    metrics = run_generation(gen, run_dir, resume=resume, on_event=progress, should_stop=progress.should_stop)
+    if metrics["train"]["status"] == "cancelled" or store.cancel_requested(job.id):
+        store.finish(job.id, job.attempt, CANCELLED, metrics={"train": _scalars(metrics["train"])})
+        return CANCELLED
+    progress({"type": "exporting", "variants": job.spec["variants"]})
+    info = export_generation(run_dir / "model", job.spec["model_name"], run_dir)
+    summary = {role: _scalars(metrics[role]) for role in ("base", "validation", "test", "train") if metrics.get(role)}
+    return _succeed(store, job, summary, None, info)
 
 
 def _train(store: JobStore, job: Job, run_dir: Path, progress: Progress) -> tuple[dict, Path]:

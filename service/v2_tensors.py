@@ -26,13 +26,16 @@ import struct
 import numpy as np
 from fastapi.responses import Response
 
+from pydantic import ValidationError
+
 from finetune_core import registry
+from finetune_core.gen_config import GENERATION_TASK
 from finetune_core.metadata import ModelMeta
 
 from .errors import HTTPError
-from .inference import Images, Inputs, Pixels, Texts
+from .inference import GenerationAsk, Images, Inputs, Pixels, Texts
 from .metrics import Metrics
-from .schemas import MAX_PREDICT_INPUTS
+from .schemas import GENERATION_FIELDS, MAX_PREDICT_INPUTS, PredictRequest
 
 TEXT_INPUT, IMAGE_INPUT, PIXELS_INPUT = "text", "image", "pixel_values"
 FIELD = "inputs[0]"
@@ -255,8 +258,23 @@ def parameter(body: dict, name: str, kind: type):
     return value if value is not None else (False if kind is bool else None)
 
 
+def generation_ask(body: dict) -> GenerationAsk:
+    """A generation model's settings from the request's parameters, checked as REST /predict checks its fields
+    (a bad one is named as `parameters.NAME`); None settings when none is given."""
+    given = {name: value for name, value in _parameters(body, "parameters").items() if name in GENERATION_FIELDS}
+    try:
+        request = PredictRequest.model_validate({"inputs": ["-"], **given})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise HTTPError(422, f"parameters.{first['loc'][0]}: {first['msg']}", f"parameters.{first['loc'][0]}") from None
+    return GenerationAsk(request.sampling(), tuple(f"parameters.{name}" for name in given))
+
+
 def outputs(meta: ModelMeta) -> list[dict]:
-    """The output tensors a model answers with: `value`, or `label` and `probabilities`."""
+    """The output tensors a model answers with: `value`, `label` and `probabilities`, or `text` and
+    `finish_reason` (text generation)."""
+    if meta.task == GENERATION_TASK:
+        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}, {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]}]
     if meta.is_regression:
         return [{"name": "value", "datatype": "FP32", "shape": [-1]}]
     return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -278,7 +296,9 @@ def wanted_outputs(meta: ModelMeta, body: dict) -> dict[str, bool]:
 def response(info: registry.VersionInfo, results: list[dict], wanted: dict[str, bool], request_id) -> Response:
     """V2 JSON, or JSON then binary tensors (with Inference-Header-Content-Length) when any output is binary."""
     meta = info.manifest.model
-    if meta.is_regression:
+    if meta.task == GENERATION_TASK:
+        tensors = {name: ("BYTES", np.array([r[name] for r in results], dtype=object)) for name in ("text", "finish_reason")}
+    elif meta.is_regression:
         tensors = {"value": ("FP32", np.array([r["value"] for r in results], dtype=np.float32))}
     else:
         probabilities = np.array([[r["scores"][label] for label in meta.labels] for r in results], dtype=np.float32)

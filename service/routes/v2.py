@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response
 
 from finetune_core import registry
 from finetune_core.errors import FinetuneError
+from finetune_core.gen_config import GENERATION_TASK
+from finetune_core.gen_predict import default_generation_variant
 from finetune_core.predict import DISTILLED_VARIANTS, default_variant
 
 from .. import inference, v2_tensors
@@ -38,7 +40,7 @@ SERVER = {"name": "finetune-serve", "version": "0.1.0", "extensions": ["binary_t
 # Triton's platform names, by the variant a version serves when none is asked for.
 PLATFORMS = {"int8": "onnxruntime_onnx", "onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pytorch": "pytorch", "bf16": "pytorch", "distilled": "onnxruntime_onnx",
-             "distilled-int8": "onnxruntime_onnx"}
+             "distilled-int8": "onnxruntime_onnx", "onnx-genai": "onnxruntime_onnx"}
 V2 = inference.FrontEnd(variant_field="parameters.variant", send_texts=f"send them as {TEXT_INPUT!r} (BYTES)",
                         send_images=f"send {IMAGE_INPUT!r} (BYTES or UINT8) or {PIXELS_INPUT!r} (FP32)")
 
@@ -88,7 +90,8 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         inputs = v2_tensors.inputs(body, binary, ctx.metrics)
         target = inference.Target(name, _ref(version), v2_tensors.parameter(body, "variant", str))
         served, results = await inference.predict(ctx, V2, target, inputs,
-                                                  check=lambda info: v2_tensors.wanted_outputs(info.manifest.model, body))
+                                                  check=lambda info: v2_tensors.wanted_outputs(info.manifest.model, body),
+                                                  generation=v2_tensors.generation_ask(body))
     except (HTTPError, FinetuneError) as err:
         return _error(err)
     wanted = v2_tensors.wanted_outputs(served.info.manifest.model, body)
@@ -102,7 +105,7 @@ def _ref(version: str | None) -> str | None:
 
 def _metadata(info: registry.VersionInfo) -> dict:
     meta = info.manifest.model
-    default = default_variant(info)
+    default = default_generation_variant(info) if meta.task == GENERATION_TASK else default_variant(info)
     parameters = {"version": info.version, "task": meta.task, "labels": meta.labels, "default_variant": default,
                   "variants": info.manifest.accepted()}
     if meta.is_image:
