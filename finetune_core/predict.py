@@ -296,7 +296,7 @@ def load_predictor(
     usable = [v for v in VARIANTS if v in variants and variants[v].accepted]
     if variant is None:
         variant = default_variant(info)
-    elif variant in GENERATION_VARIANTS:
+    elif variant in GENERATION_VARIANTS and variant not in VARIANTS:
         raise registry.NotFoundError(f"{info.ref} is a {info.manifest.model.task} model and '{variant}' is a "
                                      f"text-generation variant; it has {', '.join(usable)}")
     elif variant not in VARIANTS:

@@ -383,7 +383,11 @@ def _remove_stale_scratch() -> None:
     cutoff = time.time() - STALE_SCRATCH_SECONDS
     for pattern in (".incoming-*", ".deleting-*"):
         for folder in root().glob(pattern):
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            try:
+                stale = folder.is_dir() and folder.stat().st_mtime < cutoff
+            except FileNotFoundError:  # another register finished (renamed its scratch) between glob and stat
+                continue
+            if stale:
                 shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -111,6 +111,8 @@ def test_a_classifier_refuses_generation_fields_and_still_classifies(client):
     wrong = client.post("/predict", json={"model": "colours", "inputs": ["Hi"], "variant": "int8"})
     assert wrong.status_code == 422 and wrong.json()["field"] == "variant" and "onnx-genai" in wrong.text
     assert client.post("/predict", json={"model": "toy", "inputs": ["great film"]}).json()["predictions"][0]["label"]
+    # "pytorch" is both kinds' variant: a classifier still serves it
+    assert client.post("/predict", json={"model": "toy", "inputs": ["great film"], "variant": "pytorch"}).status_code == 200
 
 
 def test_generated_tokens_are_counted(client):

@@ -467,10 +467,10 @@ def test_gpu_bento_image(tmp_path):
     """bentofile.gpu.yaml: the same Bento, with ONNX Runtime's CUDA build, for the trainer pods."""
     cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((REPO / "bentofile.gpu.yaml").read_text())
-    swapped = [p for p in cpu["python"]["packages"] if p.startswith("onnxruntime")]
-    assert swapped == ["onnxruntime>=1.20"]
-    assert gpu["python"]["packages"] == [
-        "onnxruntime-gpu[cuda,cudnn]>=1.31" if p == swapped[0] else p for p in cpu["python"]["packages"]]
+    swaps = {"onnxruntime>=1.20": "onnxruntime-gpu[cuda,cudnn]>=1.31",  # onnxruntime-genai asks for onnxruntime,
+             "onnxruntime-genai>=0.18": "onnxruntime-genai-cuda>=0.18"}  # its CUDA build for onnxruntime-gpu
+    assert [p for p in cpu["python"]["packages"] if p.startswith("onnxruntime")] == list(swaps)
+    assert gpu["python"]["packages"] == [swaps.get(p, p) for p in cpu["python"]["packages"]]
     assert gpu["name"] == cpu["name"] + "-gpu"
     assert {k: v for k, v in gpu.items() if k not in ("name", "description", "python", "envs")} == \
            {k: v for k, v in cpu.items() if k not in ("name", "description", "python", "envs")}
@@ -488,8 +488,8 @@ def test_gpu_bento_image(tmp_path):
     assert docker["args"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     assert docker["env"]["NVIDIA_DRIVER_CAPABILITIES"] == "$NVIDIA_DRIVER_CAPABILITIES"
     requirements = requirement_names(bento)
-    assert "onnxruntime-gpu[cuda,cudnn]>=1.31" in requirements
-    assert not [r for r in requirements if re.match(r"onnxruntime\b(?!-)", r)]
+    assert "onnxruntime-gpu[cuda,cudnn]>=1.31" in requirements and "onnxruntime-genai-cuda>=0.18" in requirements
+    assert not [r for r in requirements if re.match(r"onnxruntime\b(?!-)", r) or r.startswith("onnxruntime-genai>")]
     trainer = one(rendered("overlays/production"), "Deployment", "finetune-serve-trainer")
     assert container(trainer)["image"].split("/")[-1].split(":")[0] == bento.parent.name
 
