@@ -53,9 +53,10 @@ capacity: install
 bento: install
 	$(BIN)/bentoml build .
 
-# Everything a clone needs is in it (tests/assets); tests/quality runs under `make quality`.
+# Everything a clone needs is in it (tests/assets); tests/quality runs under `make quality`, the cluster under
+# `make test-cluster` and the one-minute soak under `make soak-short` (.ci/run runs all three after this).
 test: install
-	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not cluster"
+	$(BIN)/python -m pytest -q -ra --ignore=tests/quality -m "not cluster and not soak"
 
 # The deployment as Kubernetes runs it, on one machine: two API and two trainer servers on a throwaway
 # PostgreSQL, 51 jobs (about 6 minutes on 2 cores, so apart from make test; .ci/run runs both).
@@ -81,7 +82,7 @@ clean:
 # Load and soak (bench/load/README.md). `load`: the service and the naive baseline at 1, 8, 32, 64 clients and
 # the service at 256 (its 429s), with a training job at 32: a table, and LOAD_PLOT (throughput and p99).
 # `load-locust`: Locust headless, bounded by time, users and requests. `soak`: 10 minutes at 70% of the probed
-# maximum, failing on errors or growth; `soak-short` is its one-minute test (also part of `make test`).
+# maximum, failing on errors or growth; `soak-short` is its one-minute test (its own target: .ci/run runs it).
 .PHONY: load load-locust soak soak-short
 LOAD_PLOT ?= runs/serve_bench.png
 load: install

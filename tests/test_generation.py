@@ -196,6 +196,7 @@ def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with
     from finetune_core import registry
     from finetune_core.cli import main
     from finetune_core.gen_export import OnnxGenerator
+    from finetune_core.gen_predict import default_generation_variant
 
     out, _, _ = tiny_generation_run
     assert main(["export", "--model", str(out / "model"), "--name", "colours"]) == 0
@@ -206,7 +207,8 @@ def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with
     capsys.readouterr()
     assert main(["predict", "--model", "colours", "--max-new-tokens", "3", "What colour is a lime?"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["variant"] == "onnx-genai" and printed["predictions"][0]["tokens"] <= 3
+    assert printed["variant"] == default_generation_variant(info)  # the faster at batch 1, as measured
+    assert printed["predictions"][0]["tokens"] <= 3 and printed["predictions"][0]["finish_reason"] in ("stop", "length")
     for variant in variants.values():
         assert variant.figures["tokens_per_second_b1"] > 0 and variant.figures["tokens_per_second_b8"] > 0
     # the registered ONNX model answers the held-out prompts as the eager model does
