@@ -87,7 +87,7 @@ def speed(args) -> None:
     import torch
 
     from finetune_core import gen_data, gen_export, gen_model
-    from finetune_core.gen_artifacts import held_out_conversations
+    from finetune_core.gen_artifacts import generation_rate, held_out_conversations
 
     run = Path(args.run)
     model, tokenizer = gen_model.load_saved(run / "model")
@@ -98,12 +98,6 @@ def speed(args) -> None:
         generator = gen_export.OnnxGenerator(onnx_dir, tokenizer.eos_token_id)
         reference = gen_export.eager_greedy(model, tokenizer, prompts[:8], args.max_new_tokens)
         gen_export.prove_greedy(reference, generator, prompts[:8], args.max_new_tokens, tokenizer)
-
-        def rate(run_batch, size: int) -> float:
-            started, produced = time.perf_counter(), 0
-            for i in range(0, len(prompts), size):
-                produced += sum(len(g.tokens) for g in run_batch(prompts[i:i + size]))
-            return produced / (time.perf_counter() - started)
 
         def eager(group):
             return gen_export.eager_generate(model, tokenizer, group, args.max_new_tokens)
@@ -117,8 +111,8 @@ def speed(args) -> None:
         for size in args.batches:
             figures = {"eager": [], "onnx": []}
             for _ in range(args.rounds):
-                figures["eager"].append(rate(eager, size))
-                figures["onnx"].append(rate(onnx, size))
+                figures["eager"].append(generation_rate(eager, prompts, size))
+                figures["onnx"].append(generation_rate(onnx, prompts, size))
             e, o = statistics.median(figures["eager"]), statistics.median(figures["onnx"])
             print(f"{size:>5}{e:>30.1f}{o:>26.1f}{o / e:>7.2f}x")
 

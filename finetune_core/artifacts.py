@@ -133,7 +133,7 @@ def export_version(
                 student_subject = _text_subject(Path(student), validation, columns)
             records |= _distilled(student_subject, fp32, records, with_int8, gate_points, distill_gate, staging,
                                   Path(scratch))
-        metrics = _run_metrics(run_dir)
+        metrics = run_metrics(run_dir)
         proof = {"validation_file": str(validation.resolve()), "rows": len(subject.examples), "gate_points": gate_points,
                  "parity_atol": export.PARITY_ATOL, "machine": measuring_machine()}
         if distilled:
@@ -185,7 +185,7 @@ def _distilled(student: _Subject, teacher_fp32: dict, teacher: dict[str, Variant
     folder = staging / DISTILLED_FOLDER
     shutil.copytree(student.model_dir, folder)
     student_fp32 = _measure(student.reference, student.examples, student.targets)
-    about = _run_metrics(student.model_dir.parent)
+    about = run_metrics(student.model_dir.parent)
     onnx_record = _prove("onnx", student, student_fp32, gate_points, folder, scratch)  # writes folder/model.onnx
     torchscript_record = _prove("torchscript", student, student_fp32, gate_points, scratch, scratch)  # a proof only
     (scratch / FILES["torchscript"]).unlink()
@@ -345,6 +345,6 @@ def _targets(raw: list, meta: ModelMeta) -> np.ndarray:
     return np.array(encode_labels(raw, meta.labels, "validation"))
 
 
-def _run_metrics(run_dir: Path) -> dict:
+def run_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}

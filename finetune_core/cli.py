@@ -188,9 +188,11 @@ def cmd_train(args) -> int:
 
 
 def _saved_task(output: Path) -> str | None:
+    from .pipeline import saved_config
+
     try:
-        saved = json.loads((output / "config.json").read_text())
-    except (OSError, ValueError):
+        saved = saved_config(output)
+    except (FinetuneError, OSError, ValueError):
         return None  # run_training says what is wrong with the folder
     return saved.get("task") or saved.get("data", {}).get("task")
 

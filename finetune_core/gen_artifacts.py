@@ -18,12 +18,12 @@ from pathlib import Path
 from . import gen_data, gen_export, registry
 from .errors import DataError, ModelError
 from .gen_config import GENERATION_TASK
+from .artifacts import run_metrics
 from .metadata import Manifest, VariantRecord, read_meta
 from .predict import measuring_machine
 
 MODEL_FOLDER = "model"
 ONNX_FOLDER = "onnx-genai"
-GENERATION_VARIANTS = ("pytorch", "onnx-genai")
 PROOF_PROMPTS = 16
 PROOF_NEW_TOKENS = 32
 
@@ -58,7 +58,7 @@ def export_generation(model_dir: str | Path, name: str, run_dir: str | Path | No
                                         f"and in batches of {proof['batch']}", file=ONNX_FOLDER, proof=proof,
                                         figures=speed["onnx-genai"]),
         }
-        metrics = _run_metrics(run_dir)
+        metrics = run_metrics(run_dir)
         manifest = Manifest(model=meta, variants=records,
                             proof={"prompts": len(prompt_ids), "max_new_tokens": max_new_tokens, "machine": measuring_machine()},
                             source_run=str(run_dir.resolve()), training_metrics=metrics.get("train"),
@@ -68,20 +68,25 @@ def export_generation(model_dir: str | Path, name: str, run_dir: str | Path | No
 
 def tokens_per_second(model, tokenizer, generator: gen_export.OnnxGenerator, prompts: list[list[int]],
                       max_new_tokens: int, batches: tuple[int, ...] = (1, 8)) -> dict:
-    """Generated tokens per second, greedy, for transformers' generate on the merged model and for the ONNX
-    model, at each batch size, on the same prompts (left-padded batches for both)."""
-    out: dict[str, dict] = {"pytorch": {}, "onnx-genai": {}}
-    for size in batches:
-        groups = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        started, produced = time.perf_counter(), 0
-        for group in groups:
-            produced += sum(len(g.tokens) for g in gen_export.eager_generate(model, tokenizer, group, max_new_tokens))
-        out["pytorch"][f"tokens_per_second_b{size}"] = round(produced / (time.perf_counter() - started), 1)
-        started, produced = time.perf_counter(), 0
-        for group in groups:
-            produced += sum(len(g.tokens) for g in generator.generate(group, max_new_tokens))
-        out["onnx-genai"][f"tokens_per_second_b{size}"] = round(produced / (time.perf_counter() - started), 1)
-    return out
+    """Generated tokens per second, greedy, for transformers' generate on the merged model (left-padded
+    batches) and for the ONNX model (prompts of one length together), at each batch size, on the same prompts."""
+    def eager(group):
+        return gen_export.eager_generate(model, tokenizer, group, max_new_tokens)
+
+    def onnx(group):
+        return generator.generate(group, max_new_tokens)
+
+    return {variant: {f"tokens_per_second_b{size}": round(generation_rate(generate, prompts, size), 1)
+                      for size in batches}
+            for variant, generate in (("pytorch", eager), ("onnx-genai", onnx))}
+
+
+def generation_rate(generate, prompts: list[list[int]], size: int) -> float:
+    """Tokens per second of generate(group) -> list[Generated] over the prompts in groups of `size`."""
+    started, produced = time.perf_counter(), 0
+    for i in range(0, len(prompts), size):
+        produced += sum(len(g.tokens) for g in generate(prompts[i:i + size]))
+    return produced / (time.perf_counter() - started)
 
 
 def held_out_conversations(run_dir: Path) -> list[list[dict]]:
@@ -91,8 +96,3 @@ def held_out_conversations(run_dir: Path) -> list[list[dict]]:
             return [json.loads(line)["messages"] for line in path.read_text().splitlines() if line.strip()]
     raise DataError(f"'{run_dir}' has no splits/test.jsonl or splits/validation.jsonl to prove the export on; "
                     "pass the training run's folder")
-
-
-def _run_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

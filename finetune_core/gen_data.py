@@ -81,6 +81,11 @@ def _messages(value) -> tuple[list[dict], str | None]:
     return turns, None
 
 
+def last_prompt(turns: list[dict]) -> str:
+    """The text of a conversation's last user turn: what its last answer answers."""
+    return next(t["content"] for t in reversed(turns) if t["role"] == "user")
+
+
 def prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
     """The tokens a model is given to answer the conversation's last user turn (everything but the answer)."""
     if tokenizer.chat_template:

@@ -9,6 +9,7 @@ between. One volatile backend behind these functions (STYLE rule 8).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ import numpy as np
 
 from .errors import FinetuneError
 
-PRECISIONS = ("fp32", "int4")
 PROOF_BATCH = 8  # the proof runs every prompt alone and in batches of this size: both paths are served
 
 
@@ -45,7 +45,7 @@ def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     if padding_id is not None:
         config["model"]["pad_token_id"] = padding_id
     config_path.write_text(json.dumps(config, indent=4))
-    _remove_tree(out_dir / ".cache")
+    shutil.rmtree(out_dir / ".cache", ignore_errors=True)
     return out_dir
 
 
@@ -167,8 +167,3 @@ def prove_greedy(reference: list[Generated], generator: OnnxGenerator, prompts: 
     return {"prompts": len(prompts), "identical_greedy_tokens": len(prompts), "batch": PROOF_BATCH,
             "generated_tokens": sum(len(g.tokens) for g in reference)}
 
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

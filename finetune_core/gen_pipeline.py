@@ -129,8 +129,7 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
             metrics["validation"].update(tuned_scores)
         with (output / "samples.jsonl").open("w") as f:
             for i in range(min(SAMPLES, len(scored))):
-                prompt = next(t["content"] for t in reversed(scored[i]) if t["role"] == "user")
-                f.write(json.dumps({"prompt": prompt, "reference": references[i],
+                f.write(json.dumps({"prompt": gen_data.last_prompt(scored[i]), "reference": references[i],
                                     "base": base_answers[i] if base_answers else None, "fine_tuned": tuned_answers[i]}) + "\n")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plots = output / "plots"
@@ -149,14 +148,12 @@ def evaluate_saved_generation(model_dir: str | Path, data: str, prompt_column: s
                               batch_size: int = 16) -> dict:
     """A saved (merged) model on a table of prompts and completions: answer loss and perplexity, and exact
     match and ROUGE-L of its greedy answers. Columns default to the ones it was trained with."""
-    from types import SimpleNamespace
-
+    from .gen_config import GenDataConfig
     from .metadata import read_meta
 
     meta = read_meta(model_dir)
-    columns = SimpleNamespace(prompt_column=prompt_column or meta.text_column,
-                              completion_column=completion_column or meta.label_column,
-                              messages_column="messages", system_prompt=None)
+    columns = GenDataConfig(train=str(data), prompt_column=prompt_column or meta.text_column,
+                            completion_column=completion_column or meta.label_column)
     read = gen_data.read_conversations(data, columns, "evaluation")
     model, tokenizer = gen_model.load_saved(model_dir)
     rows, report = gen_data.encode(tokenizer, read.turns, meta.max_length or 256)

@@ -1,8 +1,8 @@
 """GenerationPredictor: prompts in, generated texts out, for a registered text-generation version.
 
-Each prompt is a user turn, rendered with the model's chat template as in training. The `onnx-genai`
-variant (onnxruntime-genai, proven token-identical at export) is served by default; `pytorch` runs
-transformers' generate on the merged model. Load once, generate many; safe to share across threads.
+Each prompt is a user turn, rendered with the model's chat template as in training. `onnx-genai`
+(onnxruntime-genai, proven token-identical at export) or `pytorch` (transformers' generate on the merged
+model) serves it; by default the one measured faster at export. Load once, generate many; safe to share across threads.
 """
 
 from __future__ import annotations
@@ -66,19 +66,23 @@ def default_generation_variant(info: registry.VersionInfo) -> str:
     """The accepted variant with the most tokens/s measured at export at batch 1 (one caller waiting, the
     common case), else the first of GENERATION_VARIANTS."""
     variants = info.manifest.variants
-    usable = [v for v in GENERATION_VARIANTS if v in variants and variants[v].accepted]
+    usable = _usable(info)
     measured = [v for v in usable if variants[v].figures.get("tokens_per_second_b1")]
     if not measured:
         return usable[0]
     return max(measured, key=lambda v: variants[v].figures["tokens_per_second_b1"])
 
 
-def load_generation_predictor(info: registry.VersionInfo, variant: str | None = None) -> GenerationPredictor:
+def _usable(info: registry.VersionInfo) -> list[str]:
     variants = info.manifest.variants
-    usable = [v for v in GENERATION_VARIANTS if v in variants and variants[v].accepted]
+    return [v for v in GENERATION_VARIANTS if v in variants and variants[v].accepted]
+
+
+def load_generation_predictor(info: registry.VersionInfo, variant: str | None = None) -> GenerationPredictor:
     variant = variant or default_generation_variant(info)
-    if variant not in variants:
-        raise registry.NotFoundError(f"{info.ref} is a text-generation model; its variants are {', '.join(usable)}")
+    if variant not in info.manifest.variants:
+        raise registry.NotFoundError(f"{info.ref} is a text-generation model; its variants are "
+                                     f"{', '.join(_usable(info))}")
     model_dir = registry.model_dir(info)
     meta = read_meta(model_dir)
     from transformers import AutoTokenizer

@@ -66,13 +66,13 @@ EVALUATE_NEW_TOKENS = 64
 def evaluate_generation(info, predictor: GenerationPredictor, stored, prompt_column: str, completion_column: str) -> dict:
     """POST /evaluate for a text-generation version: greedy answers to an uploaded table's prompts, scored
     against its completions (exact match, ROUGE-L), with the rows dropped and the overlap with training."""
-    from types import SimpleNamespace
-
-    from finetune_core.gen_data import read_conversations
+    from finetune_core.gen_config import GenDataConfig
+    from finetune_core.gen_data import last_prompt, read_conversations
     from finetune_core.gen_eval import answer_scores
 
-    columns = SimpleNamespace(prompt_column=prompt_column, completion_column=completion_column,
-                              messages_column="messages", system_prompt=None)
+    from .evaluation import MAX_TRAINING_SHARE
+
+    columns = GenDataConfig(train=str(stored.path), prompt_column=prompt_column, completion_column=completion_column)
     try:
         read = read_conversations(stored.path, columns, "data")
     except DataError as err:  # named by the dataset's id, not the server's path to it
@@ -80,15 +80,14 @@ def evaluate_generation(info, predictor: GenerationPredictor, stored, prompt_col
     if len(read.turns) > MAX_EVALUATE_ROWS:
         raise HTTPError(413, f"data: {len(read.turns)} rows; a text-generation model is evaluated on at most "
                              f"{MAX_EVALUATE_ROWS} per call (each is a generation)", "data")
-    prompts = [next(t["content"] for t in reversed(turns[:-1]) if t["role"] == "user") for turns in read.turns]
+    prompts = [last_prompt(turns) for turns in read.turns]
     references = [turns[-1]["content"] for turns in read.turns]
     trained = _training_prompts(info)
     overlap = None if trained is None else sum(p in trained for p in prompts)
-    if overlap is not None and overlap > len(prompts) / 2:
+    if overlap is not None and overlap > MAX_TRAINING_SHARE * len(prompts):
         raise HTTPError(422, f"data: {overlap} of the {len(prompts)} prompts of '{stored.id}' are prompts {info.ref} was "
                              "trained on; scores on them measure memory, not generalisation", "data")
-    answers = predictor.generate_ids([predictor.prompt_ids([p])[0] for p in prompts],
-                                     Sampling(max_new_tokens=EVALUATE_NEW_TOKENS))
+    answers = predictor.generate(prompts, Sampling(max_new_tokens=EVALUATE_NEW_TOKENS))
     texts = [a["text"].strip() for a in answers]
     return {"dataset": stored.id, "rows": len(prompts), "dropped": read.dropped, "training_overlap": overlap,
             **answer_scores(texts, references), "max_new_tokens": EVALUATE_NEW_TOKENS,
@@ -99,12 +98,10 @@ def _training_prompts(info) -> set[str] | None:
     import json
     from pathlib import Path
 
+    from finetune_core.gen_data import last_prompt
+
     source = info.manifest.source_run
     path = Path(source) / "splits" / "train.jsonl" if source else None
     if path is None or not path.is_file():
         return None
-    prompts = set()
-    for line in path.read_text().splitlines():
-        turns = json.loads(line)["messages"]
-        prompts.add(next(t["content"] for t in reversed(turns[:-1]) if t["role"] == "user"))
-    return prompts
+    return {last_prompt(json.loads(line)["messages"]) for line in path.read_text().splitlines() if line.strip()}
