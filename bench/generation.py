@@ -93,8 +93,7 @@ def speed(args) -> None:
     model, tokenizer = gen_model.load_saved(run / "model")
     prompts = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in held_out_conversations(run)[: args.prompts]]
     with tempfile.TemporaryDirectory() as scratch:
-        onnx_dir = gen_export.build_onnx(run / "model", Path(scratch) / "onnx", "fp32",
-                                         gen_export.padding_id(tokenizer, prompts))
+        onnx_dir = gen_export.build_onnx(run / "model", Path(scratch) / "onnx", "fp32")
         generator = gen_export.OnnxGenerator(onnx_dir, tokenizer.eos_token_id)
         reference = gen_export.eager_greedy(model, tokenizer, prompts[:8], args.max_new_tokens)
         gen_export.prove_greedy(reference, generator, prompts[:8], args.max_new_tokens, tokenizer)
@@ -107,7 +106,7 @@ def speed(args) -> None:
 
         print(f"\n{len(prompts)} held-out prompts of {run}, greedy, at most {args.max_new_tokens} new tokens, "
               f"{torch.get_num_threads()} threads; median of {args.rounds} rounds (interleaved)")
-        print(f"{'batch':>5}{'transformers generate tok/s':>30}{'onnxruntime-genai tok/s':>26}{'ratio':>8}")
+        print(f"{'batch':>5}{'transformers generate tok/s':>30}{'ONNX (onnxruntime) tok/s':>26}{'ratio':>8}")
         for size in args.batches:
             figures = {"eager": [], "onnx": []}
             for _ in range(args.rounds):

@@ -1,8 +1,8 @@
 """export_generation(): build, prove, measure and register a fine-tuned causal LM (the generation counterpart
 of artifacts.export_version).
 
-The version holds the merged PyTorch model (`pytorch`, the reference) and its ONNX form for
-onnxruntime-genai (`onnx-genai`). The ONNX model is registered only when its greedy tokens are identical
+The version holds the merged PyTorch model (`pytorch`, the reference) and its ONNX form with a KV cache in
+onnxruntime-genai's layout (`onnx-genai`, run by gen_export.OnnxGenerator). The ONNX model is registered only when its greedy tokens are identical
 to the PyTorch model's on held-out prompts, alone and in batches; both are timed in tokens/s on the same
 prompts, and the manifest records the figures.
 """
@@ -45,8 +45,7 @@ def export_generation(model_dir: str | Path, name: str, run_dir: str | Path | No
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as scratch:
         staging = Path(scratch) / "version"
         shutil.copytree(model_dir, staging / MODEL_FOLDER)
-        onnx_dir = gen_export.build_onnx(model_dir, staging / ONNX_FOLDER, "fp32",
-                                         gen_export.padding_id(tokenizer, prompt_ids))
+        onnx_dir = gen_export.build_onnx(model_dir, staging / ONNX_FOLDER, "fp32")
         generator = gen_export.OnnxGenerator(onnx_dir, tokenizer.eos_token_id)
         reference = gen_export.eager_greedy(model, tokenizer, prompt_ids, max_new_tokens)
         proof = gen_export.prove_greedy(reference, generator, prompt_ids, max_new_tokens, tokenizer)
@@ -69,7 +68,7 @@ def export_generation(model_dir: str | Path, name: str, run_dir: str | Path | No
 def tokens_per_second(model, tokenizer, generator: gen_export.OnnxGenerator, prompts: list[list[int]],
                       max_new_tokens: int, batches: tuple[int, ...] = (1, 8)) -> dict:
     """Generated tokens per second, greedy, for transformers' generate on the merged model (left-padded
-    batches) and for the ONNX model (prompts of one length together), at each batch size, on the same prompts."""
+    batches) and for the ONNX model (right-padded batches), at each batch size, on the same prompts."""
     def eager(group):
         return gen_export.eager_generate(model, tokenizer, group, max_new_tokens)
 

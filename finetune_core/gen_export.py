@@ -1,9 +1,9 @@
-"""The served form of a fine-tuned causal LM: ONNX with a KV cache, run by onnxruntime-genai, proven against
-the eager model by identical greedy tokens on real prompts.
+"""The served form of a fine-tuned causal LM: ONNX with a KV cache, run by onnxruntime, proven against the
+eager model by identical greedy tokens on real prompts.
 
 onnxruntime-genai's model builder writes the decoder (fused GroupQueryAttention, KV cache inputs and
-outputs) and genai_config.json; its C++ generation loop runs prefill and decoding without Python in
-between. One volatile backend behind these functions (STYLE rule 8).
+outputs) and genai_config.json; OnnxGenerator runs prefill and decoding over it with onnxruntime. One
+volatile backend behind these functions (STYLE rule 8).
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ class GenerationExportError(FinetuneError):
     """The exported model could not be built, or it does not generate what the eager model does."""
 
 
-def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", padding_id: int | None = None) -> Path:
-    """Run the builder on a saved (merged) model folder; `padding_id` replaces the config's pad token.
-
-    onnxruntime-genai masks every input token equal to pad_token_id, padding or not. Chat models often pad
-    with their end of turn, which sits inside every templated prompt, so the pad id must be a token prompts
-    never hold.
-    """
+def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32") -> Path:
+    """Run onnxruntime-genai's builder on a saved (merged) model folder."""
     out_dir = Path(out_dir)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
                "-p", precision, "-e", "cpu", "-c", str(out_dir / ".cache")]
@@ -40,24 +35,8 @@ def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     if done.returncode != 0 or not (out_dir / "genai_config.json").is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise GenerationExportError(f"the ONNX builder failed on '{model_dir}' ({precision}): {' | '.join(tail)}")
-    config_path = out_dir / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    if padding_id is not None:
-        config["model"]["pad_token_id"] = padding_id
-    config_path.write_text(json.dumps(config, indent=4))
     shutil.rmtree(out_dir / ".cache", ignore_errors=True)
     return out_dir
-
-
-def padding_id(tokenizer, prompts: list[list[int]]) -> int:
-    """A special token that none of the prompts holds: onnxruntime-genai masks its pad id wherever it occurs."""
-    seen = {t for p in prompts for t in p}
-    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                  *sorted(tokenizer.all_special_ids), len(tokenizer) - 1]
-    for token in candidates:
-        if isinstance(token, int) and token >= 0 and token not in seen and token != tokenizer.eos_token_id:
-            return token
-    raise GenerationExportError("no token free to pad batched prompts with: every special token occurs in prompts")
 
 
 @dataclass
@@ -67,58 +46,84 @@ class Generated:
 
 
 class OnnxGenerator:
-    """Batched generation with onnxruntime-genai: greedy, or sampled with temperature and top_p."""
+    """Batched generation over the exported decoder with onnxruntime: greedy, or sampled with temperature and
+    top_p. The decoding loop is ours, so prompts of any lengths share a batch:
+
+    prompts are right-padded and each row's attention mask counts its real tokens. The decoder's
+    GroupQueryAttention reads only that count (per row), so a row's rotary positions, attention and KV cache
+    ignore the padding, and each new token lands right after its row's last real one. Rows that end leave the
+    batch. (onnxruntime-genai's own loop left-pads; its 0.18 greedy answers then differed from the PyTorch
+    model's on 3 of 8 held-out prompts, so it could batch only prompts of one length.)
+    """
 
     def __init__(self, folder: str | Path, eos_token_id: int):
-        import onnxruntime_genai as og
+        import onnxruntime as ort
 
-        self.og = og
-        self.model = og.Model(str(folder))
-        config = json.loads((Path(folder) / "genai_config.json").read_text())
-        self.context = config["model"]["context_length"]
+        config = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
+        decoder = config["decoder"]
+        names, layers = decoder["inputs"], range(decoder["num_hidden_layers"])
+        self.session = ort.InferenceSession(str(Path(folder) / decoder["filename"]), providers=["CPUExecutionProvider"])
+        self.ids_name, self.mask_name = names["input_ids"], names["attention_mask"]
+        self.past_names = [names[f"past_{kind}_names"] % i for i in layers for kind in ("key", "value")]
+        outputs = decoder["outputs"]
+        self.output_names = [outputs["logits"]] + [outputs[f"present_{kind}_names"] % i for i in layers
+                                                   for kind in ("key", "value")]
+        self.cache_shape = (decoder["num_key_value_heads"], 0, decoder["head_size"])
+        self.context = config["context_length"]
         self.eos_id = eos_token_id
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> list[Generated]:
-        """Prompts of one length run as one batch, so none is padded: with left padding onnxruntime-genai 0.18's
-        greedy answers differed from the PyTorch model's on 3 of 8 held-out prompts (logit gaps of 0.2, not
-        ties), where unpadded rows matched alone and in batches."""
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
-        out: list[Generated | None] = [None] * len(prompts)
-        for rows in by_length.values():
-            for i, answer in zip(rows, self._batch([prompts[i] for i in rows], max_new_tokens, temperature, top_p, seed)):
-                out[i] = answer
-        return out
-
-    def _batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-               seed: int | None) -> list[Generated]:
-        width = len(prompts[0])
-        params = self.og.GeneratorParams(self.model)
-        options = {"max_length": min(width + max_new_tokens, self.context), "do_sample": temperature > 0,
-                   "batch_size": len(prompts)}
-        if temperature > 0:
-            options.update(temperature=temperature, top_p=top_p, top_k=0)
-            if seed is not None:
-                options["random_seed"] = seed
-        params.set_search_options(**options)
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+        rng = np.random.default_rng(seed)
+        lengths = np.array([len(p) for p in prompts])  # tokens in each row's cache
+        max_new_tokens = min(max_new_tokens, self.context - int(lengths.max()))
+        ids = np.zeros((len(prompts), lengths.max()), np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = p
+        cache = [np.zeros((len(prompts), *self.cache_shape), np.float32)] * len(self.past_names)
+        logits, cache = self._step(ids, lengths, cache)
+        logits = logits[np.arange(len(prompts)), lengths - 1]
+        rows = np.arange(len(prompts))  # the prompt each batch row answers
         answers: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        steps = 0
-        while not generator.is_done() and steps < max_new_tokens and not all(finished):
-            generator.generate_next_token()
-            steps += 1
-            for r, token in enumerate(generator.get_next_tokens().tolist()):
-                if finished[r]:
-                    continue
-                if token == self.eos_id:
-                    finished[r] = True
+        reasons = ["length"] * len(prompts)
+        for step in range(max_new_tokens):
+            tokens = pick(logits, temperature, top_p, rng)
+            going = tokens != self.eos_id
+            for row, token, on in zip(rows, tokens.tolist(), going):
+                if on:
+                    answers[row].append(token)
                 else:
-                    answers[r].append(int(token))
-        return [Generated(a, "stop" if done else "length") for a, done in zip(answers, finished)]
+                    reasons[row] = "stop"
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():
+                rows, tokens, lengths, cache = rows[going], tokens[going], lengths[going], [c[going] for c in cache]
+            logits, cache = self._step(tokens[:, None], lengths + 1, cache)
+            logits, lengths = logits[:, -1], lengths + 1
+        return [Generated(a, reason) for a, reason in zip(answers, reasons)]
+
+    def _step(self, ids: np.ndarray, lengths: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """One decoder call: `ids` appended to each row's cache; `lengths` are the rows' totals afterwards."""
+        width = cache[0].shape[2] + ids.shape[1]
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        feed = {self.ids_name: ids, self.mask_name: mask, **dict(zip(self.past_names, cache))}
+        logits, *cache = self.session.run(self.output_names, feed)
+        return logits, cache
+
+
+def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """The next token of each row: the most likely (temperature 0), or drawn from the softmax at `temperature`
+    restricted to the smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    order = np.argsort(-p, axis=-1)
+    ranked = np.take_along_axis(p / p.sum(-1, keepdims=True), order, -1)
+    ranked[np.cumsum(ranked, -1) - ranked >= top_p] = 0.0  # tokens after the nucleus is full
+    ranked /= ranked.sum(-1, keepdims=True)
+    drawn = (np.cumsum(ranked, -1) < rng.random((len(p), 1))).sum(-1)
+    return order[np.arange(len(p)), np.minimum(drawn, p.shape[-1] - 1)]
 
 
 def eager_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,

@@ -1,7 +1,7 @@
 """GenerationPredictor: prompts in, generated texts out, for a registered text-generation version.
 
 Each prompt is a user turn, rendered with the model's chat template as in training. `onnx-genai`
-(onnxruntime-genai, proven token-identical at export) or `pytorch` (transformers' generate on the merged
+(the exported decoder run by onnxruntime, proven token-identical at export) or `pytorch` (transformers' generate on the merged
 model) serves it; by default the one measured faster at export. Load once, generate many; safe to share across threads.
 """
 

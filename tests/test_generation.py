@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,7 +196,7 @@ def test_the_cli_trains_text_generation_and_resumes_a_finished_run(tmp_path, tin
 def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with_its_speed(tiny_generation_run, capsys):
     from finetune_core import registry
     from finetune_core.cli import main
-    from finetune_core.gen_export import OnnxGenerator
+    from finetune_core.gen_export import OnnxGenerator, eager_greedy
     from finetune_core.gen_predict import default_generation_variant
 
     out, _, _ = tiny_generation_run
@@ -218,6 +219,12 @@ def test_the_export_generates_what_the_pytorch_model_does_and_is_registered_with
     onnx = OnnxGenerator(registry.variant_file(info, "onnx-genai"), tokenizer.eos_token_id)
     assert [g.tokens for g in onnx.generate(prompts, 12)] == [
         t[:-1] if t[-1:] == [tokenizer.eos_token_id] else t for t in greedy_tokens(model, tokenizer, chats, 12)]
+    # prompts of very different lengths share a batch (right-padded) and answer as they do alone
+    ragged = [prompts[0], gen_data.prompt_ids(tokenizer, [{"role": "user", "content": "Tell me, " * 30 + "lime?"}]),
+              prompts[1][:5]]
+    assert len({len(p) for p in ragged}) == 3
+    assert onnx.generate(ragged, 12) == [onnx.generate([p], 12)[0] for p in ragged]
+    assert [g.tokens for g in onnx.generate(ragged, 12)] == [g.tokens for g in eager_greedy(model, tokenizer, ragged, 12)]
 
 
 def test_an_export_that_generates_differently_is_refused_naming_the_prompt(tiny_generation_run, tiny_causal_lm, tmp_path):
@@ -227,10 +234,26 @@ def test_an_export_that_generates_differently_is_refused_naming_the_prompt(tiny_
     model, tokenizer = gen_model.load_saved(out / "model")
     chats = [json.loads(line)["messages"] for line in (out / "splits" / "test.jsonl").open()][:4]
     prompts = [gen_data.prompt_ids(tokenizer, turns[:-1]) for turns in chats]
-    wrong = build_onnx(tiny_causal_lm, tmp_path / "base-onnx", padding_id=0)  # the base model, not the fine-tuned one
+    wrong = build_onnx(tiny_causal_lm, tmp_path / "base-onnx")  # the base model, not the fine-tuned one
     with pytest.raises(GenerationExportError, match=r"differs from the PyTorch model's \(alone\) on prompt 0 .* token 0"):
         prove_greedy(eager_greedy(model, tokenizer, prompts, 8), OnnxGenerator(wrong, tokenizer.eos_token_id), prompts, 8,
                      tokenizer)
+
+
+def test_sampling_follows_temperature_and_top_p_and_repeats_with_a_seed():
+    from finetune_core.gen_export import pick
+
+    logits = np.log(np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    assert pick(logits, 0.0, 1.0, np.random.default_rng(0)).tolist() == [1, 0]  # greedy
+    draws = np.stack([pick(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(3000)])
+    assert np.allclose([(draws[:, 0] == k).mean() for k in range(3)], [0.1, 0.6, 0.3], atol=0.03)
+    nucleus = np.stack([pick(logits, 1.0, 0.75, np.random.default_rng(s)) for s in range(3000)])
+    assert set(nucleus[:, 0].tolist()) == {1, 2} and set(nucleus[:, 1].tolist()) == {0, 2}  # 0.6 + 0.3, 0.5 + 0.3
+    assert abs((nucleus[:, 0] == 1).mean() - 0.6 / 0.9) < 0.03
+    cold = np.stack([pick(logits, 0.25, 1.0, np.random.default_rng(s)) for s in range(500)])
+    assert (cold[:, 0] == 1).mean() > 0.9  # a low temperature sharpens toward the most likely token
+    again = [pick(logits, 1.0, 0.95, np.random.default_rng(7)).tolist() for _ in range(3)]
+    assert again[0] == again[1] == again[2]
 
 
 def test_the_default_base_loads_from_its_gguf_file_and_saves_as_a_plain_folder(tmp_path):
