@@ -56,8 +56,8 @@ def quality(args) -> None:
     train = work / "pronunciation.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = generation_job_from_dict({
-        "data": {"train": str(train), "system_prompt": SYSTEM, "max_length": 64, "max_new_tokens": 24,
-                 "eval_rows": args.eval_rows},
+        "data": {"train": str(train), "system_prompt": SYSTEM, "max_length": args.max_length, "max_new_tokens": 24,
+                 "eval_rows": args.eval_rows, "packing": args.packing},
         "base_model": args.model,
         "adapter": {"method": args.method, "rank": args.rank, "alpha": 2 * args.rank},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -137,6 +137,8 @@ def main() -> None:
     q.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: once per epoch)")
     q.add_argument("--method", choices=("lora", "full"), default="lora")
     q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--max-length", type=int, default=64, help="tokens per training row (rows are about 50)")
+    q.add_argument("--packing", action="store_true", help="pack rows into max-length sequences")
     q.add_argument("--model", default="smollm2")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="runs/generation-bench")

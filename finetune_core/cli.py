@@ -126,6 +126,8 @@ def job_flags(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--system-prompt", help="a system turn put before every prompt")
     gen.add_argument("--adapter", choices=list(METHODS), help="lora (default) or full fine-tuning")
     gen.add_argument("--lora-rank", type=int)
+    gen.add_argument("--packing", action="store_const", const=True,
+                     help="pack short training conversations into max-length rows (each attends only to itself)")
     gen.add_argument("--max-new-tokens", type=int, help="the longest generated answer in evaluation")
 
 
@@ -203,11 +205,11 @@ def generation_config(raw: dict, args) -> dict:
 
     data = {k: v for k, v in raw.get("data", {}).items()
             if k in ("train", "validation", "test", "max_length", "prompt_column", "completion_column",
-                     "messages_column", "system_prompt", "max_new_tokens", "eval_rows", "split_seed")}
+                     "messages_column", "system_prompt", "max_new_tokens", "eval_rows", "split_seed", "packing")}
     train = {k: v for k, v in raw.get("train", {}).items() if v is not None}
     gen = {"data": {**data, "prompt_column": args.prompt_column, "completion_column": args.completion_column,
                     "messages_column": args.messages_column, "system_prompt": args.system_prompt,
-                    "max_new_tokens": args.max_new_tokens},
+                    "max_new_tokens": args.max_new_tokens, "packing": args.packing},
            "adapter": {"method": args.adapter, "rank": args.lora_rank}}
     merged = merge({"data": {}, "adapter": raw.get("adapter") or {}, "train": train}, gen)
     base = raw.get("base_model") or raw.get("model", {}).get("base_model")

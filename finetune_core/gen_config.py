@@ -35,6 +35,8 @@ class GenDataConfig:
     max_new_tokens: int = 64  # the longest greedy generation in evaluation
     eval_rows: int = 200  # held-out rows generated for exact match and ROUGE-L (generation is the slow part)
     split_seed: int = 0
+    packing: bool = False  # pack training conversations into max_length rows, each attending only to itself
+
 
     def __post_init__(self):
         if not self.train:
@@ -42,6 +44,8 @@ class GenDataConfig:
         _positive_int("data.max_length", self.max_length, upper=8192)
         _positive_int("data.max_new_tokens", self.max_new_tokens, upper=4096)
         _positive_int("data.eval_rows", self.eval_rows, upper=100_000)
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"data.packing: must be true or false, got {self.packing!r}")
         for name in ("prompt_column", "completion_column", "messages_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"data.{name}: must be a non-empty column name")

@@ -114,11 +114,13 @@ def conversation_ids(tokenizer, turns: list[dict]) -> tuple[list[int], int]:
 
 @dataclass
 class GenRows:
-    """Tokenized conversations, unpadded; implements train.Rows. Labels are IGNORE over prompts."""
+    """Tokenized conversations, unpadded; implements train.Rows. Labels are IGNORE over prompts. Packed rows
+    (pack()) hold several conversations each, and `positions` restart at 0 where each begins."""
 
     input_ids: list[list[int]]
     labels: list[list[int]]
     pad_id: int
+    positions: list[list[int]] | None = None
 
     @property
     def targets(self) -> list[list[int]]:
@@ -133,17 +135,52 @@ class GenRows:
             yield self.batch(rows)
 
     def batch(self, rows: list[int]) -> dict:
-        """Right-padded: padding positions are masked from attention and from the loss."""
+        """Right-padded: padding positions are masked from attention and from the loss. Packed rows give
+        position ids instead of a mask: transformers then lets a token attend only within its conversation
+        (positions restart at each), and the padding is one more conversation of its own."""
         width = max(len(self.input_ids[i]) for i in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
             n = len(self.input_ids[i])
             ids[r, :n] = torch.tensor(self.input_ids[i])
             labels[r, :n] = torch.tensor(self.labels[i])
             mask[r, :n] = 1
+            if self.positions is not None:
+                positions[r, :n] = torch.tensor(self.positions[i])
+                positions[r, n:] = torch.arange(width - n)
+        if self.positions is not None:
+            return {"inputs": {"input_ids": ids, "position_ids": positions}, "labels": labels}
         return {"inputs": {"input_ids": ids, "attention_mask": mask}, "labels": labels}
+
+
+def pack(rows: GenRows, max_length: int) -> tuple[GenRows, dict]:
+    """Conversations packed into rows of at most max_length tokens, best fit, longest first: short rows fill
+    a batch with tokens instead of padding, and each optimizer step sees more conversations. Returns the
+    packed rows and a report (how many, how full)."""
+    import bisect
+
+    order = sorted(range(len(rows.input_ids)), key=lambda i: -len(rows.input_ids[i]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the fullest bin a row fits in is found by bisect
+    for i in order:
+        n = len(rows.input_ids[i])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+        else:
+            room, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    packed = GenRows([[t for i in b for t in rows.input_ids[i]] for b in bins],
+                     [[t for i in b for t in rows.labels[i]] for b in bins], rows.pad_id,
+                     [[p for i in b for p in range(len(rows.input_ids[i]))] for b in bins])
+    tokens = sum(packed.lengths)
+    return packed, {"conversations": len(order), "rows": len(bins), "fill": round(tokens / (len(bins) * max_length), 3)}
 
 
 def encode(tokenizer, conversations: list[list[dict]], max_length: int) -> tuple[GenRows, dict]:

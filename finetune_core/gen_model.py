@@ -66,10 +66,12 @@ def load_causal_lm(name: str) -> tuple[nn.Module, object]:
 
 def add_adapters(model: nn.Module, adapter) -> tuple[nn.Module, dict]:
     """LoRA adapters on adapter.target_modules (the base weights frozen), or every weight trainable for
-    method "full". Returns the model to train and a report of what trains."""
+    method "full". Returns the model to train and a report of what trains. Training keeps no KV cache (save()
+    turns it back on): it would be wasted, and with one transformers ignores packed rows' positions and lets
+    packed rows attend to each other."""
+    model.config.use_cache = False
     if adapter.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        model.config.use_cache = False
     if adapter.method == "full":
         trained = model
     else:

@@ -81,6 +81,8 @@ def _run(job: GenerationJob, output: Path, resume: bool, on_event, should_stop, 
     rows, report = {}, {"rows": {role: len(t) for role, t in splits.items()}, "dropped": dropped, "tokens": {}}
     for role, turns in splits.items():
         rows[role], report["tokens"][role] = gen_data.encode(tokenizer, turns, d.max_length)
+    if d.packing:
+        rows["train"], report["packing"] = gen_data.pack(rows["train"], d.max_length)
     held_out = splits.get("test") or splits["validation"]
     scored = held_out[: d.eval_rows]
     references = [turns[-1]["content"] for turns in scored]

@@ -169,6 +169,8 @@ class FinetuneRequest(Strict):
     # and completion; a "messages" column of chat turns is used when the table has one).
     system_prompt: str | None = Field(None, description="text generation: a system turn before every prompt")
     adapter: AdapterRequest | None = Field(None, description="text generation: LoRA settings, or method 'full'")
+    packing: bool | None = Field(None, description="text generation: pack short training conversations into "
+                                                   "max_length rows (each attends only to itself); default false")
 
 
 class PredictRequest(Strict):
@@ -246,7 +248,7 @@ def job_spec(request: FinetuneRequest, dataset_paths: dict[str, str], data_defau
         raise FieldError("model_name", f"model_name: {err}") from None
     if request.task == GENERATION_TASK:
         return _generation_spec(request, dataset_paths)
-    for name in ("system_prompt", "adapter"):
+    for name in ("system_prompt", "adapter", "packing"):
         if getattr(request, name) is not None:
             raise FieldError(name, f"{name}: is for text-generation jobs; this is a {request.task} job")
     hp = request.hyperparameters.model_dump(exclude_none=True)
@@ -298,7 +300,8 @@ def _generation_spec(request: FinetuneRequest, dataset_paths: dict[str, str]) ->
         if name in hp:
             raise FieldError(f"hyperparameters.{name}", f"hyperparameters.{name}: is not a text-generation setting")
     data = {**dataset_paths, "prompt_column": request.text_column or "prompt",
-            "completion_column": request.label_column or "completion", "system_prompt": request.system_prompt}
+            "completion_column": request.label_column or "completion", "system_prompt": request.system_prompt,
+            "packing": request.packing}
     for name in ("max_length", "split_seed"):
         if name in hp:
             data[name] = hp.pop(name)

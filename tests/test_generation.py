@@ -122,6 +122,24 @@ def test_merged_adapters_give_the_adapted_models_outputs(tiny_causal_lm, tokeniz
     assert not any("lora_" in n for n, _ in merged.named_parameters())
 
 
+def test_packed_rows_attend_only_to_their_own_conversation_so_the_loss_is_unchanged(tiny_causal_lm, tokenizer):
+    model, _ = gen_model.load_causal_lm(str(tiny_causal_lm))
+    model, _ = gen_model.add_adapters(model, AdapterConfig(rank=4))  # as trained: no KV cache
+    turns = [[{"role": "user", "content": r["prompt"] + " Say it plainly." * (i % 4)},
+              {"role": "assistant", "content": r["completion"]}] for i, r in enumerate(colour_rows(14, seed=4))]
+    rows, _ = gen_data.encode(tokenizer, turns, 96)
+    packed, report = gen_data.pack(rows, 200)
+    assert report["conversations"] == 14 and report["rows"] == len(packed.input_ids) <= 14 / 3
+    assert max(packed.lengths) <= 200 and sum(packed.lengths) == sum(rows.lengths)
+    assert sorted(packed.labels[0]) != sorted(rows.labels[0])
+    batch = packed.batch([0, len(packed.input_ids) - 1])  # two packed rows: the shorter one padded
+    assert "attention_mask" not in batch["inputs"] and (batch["inputs"]["position_ids"] == 0).sum() > 4
+    # every answer token scored as it is unpacked: no conversation sees another
+    assert token_loss(model, packed, 4)["loss"] == pytest.approx(token_loss(model, rows, 4)["loss"], rel=1e-5)
+    leaky = gen_data.GenRows(packed.input_ids, packed.labels, packed.pad_id)  # one causal span over the whole row
+    assert token_loss(model, leaky, 4)["loss"] != pytest.approx(token_loss(model, rows, 4)["loss"], rel=1e-3)
+
+
 def test_rouge_l_and_exact_match():
     assert rouge_l("the cat sat", "the cat sat on") == pytest.approx(2 * 1 * 0.75 / 1.75)
     assert rouge_l("K AE1 T", "k ae1 t") == 1.0 and rouge_l("dog", "cat") == 0.0 and rouge_l("", "") == 1.0
@@ -178,11 +196,12 @@ def test_the_cli_trains_text_generation_and_resumes_a_finished_run(tmp_path, tin
     out = tmp_path / "run"
     code = main(["train", "--task", "text-generation", "--train", str(train), "--model", str(tiny_causal_lm),
                  "--prompt-column", "q", "--completion-column", "a", "--epochs", "1", "--batch-size", "8",
-                 "--lora-rank", "4", "--max-new-tokens", "4", "--output", str(out), "--quiet"])
+                 "--lora-rank", "4", "--max-new-tokens", "4", "--packing", "--output", str(out), "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and set(summary["base"]) == set(summary["fine_tuned"]) == {"loss", "perplexity", "exact_match", "rouge_l"}
     saved = json.loads((out / "config.json").read_text())
     assert saved["task"] == "text-generation" and saved["adapter"]["rank"] == 4 and saved["data"]["prompt_column"] == "q"
+    assert saved["data"]["packing"] and json.loads((out / "data_report.json").read_text())["packing"]["conversations"] == 32
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the run is complete: resuming trains no more
     assert json.loads(capsys.readouterr().out)["train"]["steps"] == summary["train"]["steps"]
     test_rows = write_jsonl(tmp_path / "held-out.jsonl", [{"q": r["prompt"], "a": r["completion"]} for r in colour_rows(6, seed=9)]

@@ -152,8 +152,9 @@ def test_finetune_trains_exports_and_serves_a_generation_model(client, tiny_caus
     train = upload(client, rows)["id"]
     job = client.post("/finetune", json={"task": "text-generation", "base_model": str(tiny_causal_lm), "train": train,
                                          "text_column": "question", "label_column": "answer", "model_name": "colours-job",
-                                         "adapter": {"rank": 4}, "hyperparameters": {"epochs": 1, "batch_size": 8,
-                                                                                     "learning_rate": 0.01}})
+                                         "adapter": {"rank": 4}, "packing": True,
+                                         "hyperparameters": {"epochs": 1, "batch_size": 4, "learning_rate": 0.01,
+                                                             "max_length": 160}})
     assert job.status_code == 202, job.text
     done = wait_for_job(client, job.json()["id"], timeout=300)
     assert done["status"] == "succeeded", done
@@ -164,6 +165,9 @@ def test_finetune_trains_exports_and_serves_a_generation_model(client, tiny_caus
     assert samples.status_code == 200 and {"prompt", "reference", "base", "fine_tuned"} <= set(
         json.loads(samples.text.splitlines()[0]))
     assert client.get(f"/jobs/{done['id']}/artifacts/curves.png").headers["content-type"] == "image/png"
+    packing = client.get(f"/jobs/{done['id']}/artifacts/data_report.json").json()["packing"]
+    assert packing["conversations"] == 48 and packing["rows"] <= 48 / 3  # 40-token conversations, 160-token rows
+    assert done["metrics"]["train"]["steps"] == -(-packing["rows"] // 4)
     answer = client.post("/predict", json={"model": "colours-job", "inputs": ["What colour is a kiwi?"], "max_new_tokens": 6})
     assert answer.status_code == 200 and answer.json()["variant"] == "onnx-genai", answer.text
 
@@ -183,6 +187,8 @@ def test_generation_fields_are_refused_for_a_classification_job(client):
     train = upload(client, [{"text": "good", "label": "pos"}] * 10)["id"]
     answer = client.post("/finetune", json={"train": train, "model_name": "x", "system_prompt": "Be brief."})
     assert answer.status_code == 422 and answer.json()["field"] == "system_prompt"
+    answer = client.post("/finetune", json={"train": train, "model_name": "x", "packing": True})
+    assert answer.status_code == 422 and answer.json()["field"] == "packing"
 
 
 def test_v2_infer_generates_from_bytes_and_names_a_bad_parameter(client):
