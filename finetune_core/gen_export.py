@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -42,7 +43,23 @@ def build_onnx(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
 @dataclass
 class Generated:
     tokens: list[int]  # the answer's ids, the end of turn left out
-    finish_reason: str  # "stop" (end of turn) | "length" (max_new_tokens reached)
+    finish_reason: str | None  # "stop" (end of turn) | "length" (max_new_tokens reached) | None: still going
+
+
+def _take(answers: list[Generated], row: int, token: int, eos_id: int) -> None:
+    """One new token for a row: its end of turn ends it; tokens after the end (padding) are ignored."""
+    if answers[row].finish_reason is None:
+        if token == eos_id:
+            answers[row].finish_reason = "stop"
+        else:
+            answers[row].tokens.append(token)
+
+
+def _last(steps: Iterator[list[Generated]]) -> list[Generated]:
+    answers: list[Generated] = []
+    for answers in steps:
+        pass
+    return answers
 
 
 class OnnxGenerator:
@@ -74,6 +91,12 @@ class OnnxGenerator:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> list[Generated]:
+        return _last(self.steps(prompts, max_new_tokens, temperature, top_p, seed))
+
+    def steps(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+              seed: int | None = None) -> Iterator[list[Generated]]:
+        """The answers after each decoding step (one list, grown in place); the last has every finish_reason.
+        The caller may end an answer by setting its finish_reason: its row leaves the batch at the next step."""
         rng = np.random.default_rng(seed)
         lengths = np.array([len(p) for p in prompts])  # tokens in each row's cache
         max_new_tokens = min(max_new_tokens, self.context - int(lengths.max()))
@@ -84,23 +107,22 @@ class OnnxGenerator:
         logits, cache = self._step(ids, lengths, cache)
         logits = logits[np.arange(len(prompts)), lengths - 1]
         rows = np.arange(len(prompts))  # the prompt each batch row answers
-        answers: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length"] * len(prompts)
+        answers = [Generated([], None) for _ in prompts]
         for step in range(max_new_tokens):
             tokens = pick(logits, temperature, top_p, rng)
-            going = tokens != self.eos_id
-            for row, token, on in zip(rows, tokens.tolist(), going):
-                if on:
-                    answers[row].append(token)
-                else:
-                    reasons[row] = "stop"
-            if step == max_new_tokens - 1 or not going.any():
+            for row, token in zip(rows.tolist(), tokens.tolist()):
+                _take(answers, row, token, self.eos_id)
+            if step == max_new_tokens - 1 or all(a.finish_reason for a in answers):
                 break
+            yield answers
+            going = np.array([answers[row].finish_reason is None for row in rows.tolist()])
             if not going.all():
                 rows, tokens, lengths, cache = rows[going], tokens[going], lengths[going], [c[going] for c in cache]
             logits, cache = self._step(tokens[:, None], lengths + 1, cache)
             logits, lengths = logits[:, -1], lengths + 1
-        return [Generated(a, reason) for a, reason in zip(answers, reasons)]
+        for answer in answers:
+            answer.finish_reason = answer.finish_reason or "length"
+        yield answers
 
     def _step(self, ids: np.ndarray, lengths: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """One decoder call: `ids` appended to each row's cache; `lengths` are the rows' totals afterwards."""
@@ -127,7 +149,7 @@ def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Ge
 
 
 def eager_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int | None = None) -> list[Generated]:
+                   top_p: float = 1.0, seed: int | None = None, **generate_options) -> list[Generated]:
     """transformers' generate on the PyTorch model, the prompts left-padded into one batch."""
     import torch
 
@@ -143,9 +165,64 @@ def eager_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **search)[:, width:].tolist()
+                             **search, **generate_options)[:, width:].tolist()
     eos = tokenizer.eos_token_id
     return [Generated(row[: row.index(eos)], "stop") if eos in row else Generated(row, "length") for row in out]
+
+
+def eager_steps(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int | None = None) -> Iterator[list[Generated]]:
+    """eager_generate's answers as they grow: generate runs in a thread and hands over each step's tokens.
+    Closing the iterator early stops generate at its next step; an answer the caller ends (finish_reason set)
+    takes no more tokens."""
+    import queue
+    import threading
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    handed: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    class Hand(BaseStreamer):
+        prompts_seen = False
+
+        def put(self, value):
+            if self.prompts_seen:  # (rows,) or (rows, steps) new tokens
+                handed.put(value.reshape(len(prompts), -1).tolist())
+            self.prompts_seen = True  # the first call hands over the prompts
+
+        def end(self):
+            pass
+
+    class Closed(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), closed.is_set(), dtype=torch.bool)
+
+    def run():
+        try:
+            eager_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed, streamer=Hand(),
+                           stopping_criteria=StoppingCriteriaList([Closed()]))
+            handed.put(None)
+        except BaseException as err:  # raised again in the caller's thread
+            handed.put(err)
+
+    threading.Thread(target=run, name="eager-generate", daemon=True).start()
+    answers = [Generated([], None) for _ in prompts]
+    try:
+        while (chunk := handed.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise chunk
+            for row, tokens in enumerate(chunk):
+                for token in tokens:
+                    _take(answers, row, token, tokenizer.eos_token_id)
+            yield answers
+    finally:
+        closed.set()
+    for answer in answers:
+        answer.finish_reason = answer.finish_reason or "length"
+    yield answers
 
 
 def eager_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[Generated]:

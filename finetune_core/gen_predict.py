@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from . import gen_data, registry
 from .errors import ConfigError
-from .gen_export import Generated, OnnxGenerator, eager_generate
+from .gen_export import Generated, OnnxGenerator, eager_steps
 from .metadata import ModelMeta, read_meta
 
 GENERATION_VARIANTS = ("onnx-genai", "pytorch")  # the default first
@@ -29,11 +30,11 @@ class Sampling:
 
 
 class GenerationPredictor:
-    def __init__(self, tokenizer, meta: ModelMeta, variant: str, generate):
+    def __init__(self, tokenizer, meta: ModelMeta, variant: str, steps):
         self.tokenizer = tokenizer
         self.meta = meta
         self.variant = variant
-        self._generate = generate  # (prompt ids, Sampling) -> list[Generated]
+        self._steps = steps  # (prompt ids, Sampling) -> Iterator[list[Generated]], the answers after each step
         self._lock = threading.Lock()
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -47,19 +48,58 @@ class GenerationPredictor:
         return self.generate_ids(self.prompt_ids(list(prompts)), sampling)
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[dict]:
-        """generate() for prompts already rendered and tokenized by prompt_ids(). One batch at a time: the
-        backends use every core for one batch; two at once would share the cores and end no sooner."""
+        """generate() for prompts already rendered and tokenized by prompt_ids(): stream_ids()'s pieces joined.
+        One batch at a time: the backends use every core for one batch; two at once would share the cores and
+        end no sooner."""
+        texts, ends = [""] * len(prompt_ids), [{} for _ in prompt_ids]
+        for pieces in self.stream_ids(prompt_ids, sampling):
+            for piece in pieces:
+                texts[piece["index"]] += piece["text"]
+                ends[piece["index"]] = piece
+        return [{"text": text, "tokens": end["tokens"], "finish_reason": end["finish_reason"]}
+                for text, end in zip(texts, ends)]
+
+    def stream_ids(self, prompt_ids: list[list[int]], sampling: Sampling) -> Iterator[list[dict]]:
+        """generate_ids() as it happens: after each decoding step, the new text of the prompts that have some,
+        [{"index", "text"}, ...]; a prompt's last piece also holds its "finish_reason" and "tokens". Text that
+        could be the start of a stop string, or of a character not yet whole, waits for the next step; a stop
+        string ends its answer there (its tokens are those generated so far). The model is held (one batch at
+        a time) until the iterator ends or is closed."""
+        sent = [0] * len(prompt_ids)  # characters already handed out, per prompt
+        ended = [False] * len(prompt_ids)
+        hold = max((len(s) for s in sampling.stop), default=1) - 1
         with self._lock:
-            answers = self._generate(prompt_ids, sampling)
-        out = []
-        for answer in answers:
-            text = self.tokenizer.decode(answer.tokens, skip_special_tokens=True)
-            reason = answer.finish_reason
-            cut = [text.index(s) for s in sampling.stop if s and s in text]
-            if cut:
-                text, reason = text[: min(cut)], "stop"
-            out.append({"text": text, "tokens": len(answer.tokens), "finish_reason": reason})
-        return out
+            steps = self._steps(prompt_ids, sampling)
+            try:
+                for answers in steps:
+                    pieces = []
+                    for i, answer in enumerate(answers):
+                        if ended[i]:
+                            continue
+                        text, reason = self._text(answer, sampling.stop)
+                        ready = len(text) if reason else max(sent[i], len(text.rstrip("\ufffd")) - hold)
+                        piece = {"index": i, "text": text[sent[i]:ready]}
+                        sent[i] = ready
+                        if reason:
+                            piece.update(finish_reason=reason, tokens=len(answer.tokens))
+                            ended[i] = True
+                            answer.finish_reason = reason  # a stop string: the backend drops the row
+                        if piece["text"] or reason:
+                            pieces.append(piece)
+                    if pieces:
+                        yield pieces
+                    if all(ended):
+                        return
+            finally:
+                steps.close()
+
+    def _text(self, answer: Generated, stop: tuple[str, ...]) -> tuple[str, str | None]:
+        """The answer's text, cut before the first stop string (which ends it), and its finish reason."""
+        text = self.tokenizer.decode(answer.tokens, skip_special_tokens=True)
+        cut = [text.index(s) for s in stop if s and s in text]
+        if cut:
+            return text[: min(cut)], "stop"
+        return text, answer.finish_reason
 
 
 def default_generation_variant(info: registry.VersionInfo) -> str:
@@ -91,11 +131,11 @@ def load_generation_predictor(info: registry.VersionInfo, variant: str | None = 
     if variant == "onnx-genai":
         generator = OnnxGenerator(registry.variant_file(info, variant), tokenizer.eos_token_id)
 
-        def generate(prompts: list[list[int]], s: Sampling) -> list[Generated]:
-            return generator.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
+        def steps(prompts: list[list[int]], s: Sampling) -> Iterator[list[Generated]]:
+            return generator.steps(prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
     else:
-        generate = _eager(model_dir, tokenizer)
-    return GenerationPredictor(tokenizer, meta, variant, generate)
+        steps = _eager(model_dir, tokenizer)
+    return GenerationPredictor(tokenizer, meta, variant, steps)
 
 
 def _eager(model_dir: Path, tokenizer):
@@ -104,7 +144,7 @@ def _eager(model_dir: Path, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def generate(prompts: list[list[int]], s: Sampling) -> list[Generated]:
-        return eager_generate(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
+    def steps(prompts: list[list[int]], s: Sampling) -> Iterator[list[Generated]]:
+        return eager_steps(model, tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p, s.seed)
 
-    return generate
+    return steps

@@ -8,6 +8,9 @@ images, each with a 422 naming the field. Requests for one model generate one ba
 
 from __future__ import annotations
 
+import json
+from typing import Iterator
+
 from fastapi.concurrency import run_in_threadpool
 
 from finetune_core.errors import DataError
@@ -17,15 +20,37 @@ from .errors import HTTPError
 from .schemas import DEFAULT_NEW_TOKENS, MAX_GENERATION_INPUTS, MAX_PROMPT_TOKENS
 
 
-class PromptTooLong(Exception):
-    def __init__(self, index: int, tokens: int):
-        self.index, self.tokens = index, tokens
-
-
 async def generate(served, inputs, sampling: Sampling | None, top_k: int | None, metrics, model_label: str) -> list[dict]:
     predictor: GenerationPredictor = served.predictor
-    ref = served.info.ref
-    field = inputs.field
+    ids = await _checked_prompts(served, inputs, top_k)
+    results = await run_in_threadpool(predictor.generate_ids, ids, sampling or Sampling(max_new_tokens=DEFAULT_NEW_TOKENS))
+    metrics.generated_tokens.labels(model=model_label, variant=predictor.variant).inc(sum(r["tokens"] for r in results))
+    return results
+
+
+async def stream(served, inputs, sampling: Sampling | None, top_k: int | None, metrics, model_label: str) -> Iterator[str]:
+    """The answers as server-sent events: `data: [{"index", "text"}, ...]` per decoding step with new text (a
+    prompt's last piece adds "finish_reason" and "tokens"), then `data: [DONE]`. The request is checked
+    before the first event, so a bad one is still an ordinary 4xx."""
+    predictor = served.predictor
+    if not isinstance(predictor, GenerationPredictor):
+        raise HTTPError(422, f"stream: is for text-generation models; {served.info.ref} is a classification or "
+                             "regression model", "stream")
+    ids = await _checked_prompts(served, inputs, top_k)
+    counter = metrics.generated_tokens.labels(model=model_label, variant=predictor.variant)
+
+    def events() -> Iterator[str]:
+        for pieces in predictor.stream_ids(ids, sampling or Sampling(max_new_tokens=DEFAULT_NEW_TOKENS)):
+            counter.inc(sum(p.get("tokens", 0) for p in pieces))
+            yield f"data: {json.dumps(pieces)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return events()
+
+
+async def _checked_prompts(served, inputs, top_k: int | None) -> list[list[int]]:
+    """The prompts rendered and tokenized, or the 4xx naming what is wrong with the request."""
+    ref, field = served.info.ref, inputs.field
     if not hasattr(inputs, "texts"):
         raise HTTPError(422, f"{field}: {ref} is a text-generation model and takes prompts as inputs", field)
     if top_k is not None:
@@ -34,28 +59,18 @@ async def generate(served, inputs, sampling: Sampling | None, top_k: int | None,
     if len(inputs.texts) > MAX_GENERATION_INPUTS:
         raise HTTPError(413, f"{field}: {len(inputs.texts)} prompts; a text-generation model takes at most "
                              f"{MAX_GENERATION_INPUTS} per request", field)
-    sampling = sampling or Sampling(max_new_tokens=DEFAULT_NEW_TOKENS)
-    try:
-        results = await run_in_threadpool(_generate, predictor, inputs.texts, sampling)
-    except PromptTooLong as err:
-        where = f"{field}[{err.index}]"
-        raise HTTPError(422, f"{where}: the prompt is {err.tokens} tokens with the chat template; at most "
-                             f"{MAX_PROMPT_TOKENS}", where) from None
-    metrics.generated_tokens.labels(model=model_label, variant=predictor.variant).inc(sum(r["tokens"] for r in results))
-    return results
+    ids = await run_in_threadpool(served.predictor.prompt_ids, inputs.texts)
+    for index, prompt in enumerate(ids):
+        if len(prompt) > MAX_PROMPT_TOKENS:
+            where = f"{field}[{index}]"
+            raise HTTPError(422, f"{where}: the prompt is {len(prompt)} tokens with the chat template; at most "
+                                 f"{MAX_PROMPT_TOKENS}", where)
+    return ids
 
 
 def refuse_generation_fields(field: str, ref: str) -> None:
     """A classification model was sent a generation setting: name it."""
     raise HTTPError(422, f"{field}: is for text-generation models; {ref} is a classification or regression model", field)
-
-
-def _generate(predictor: GenerationPredictor, prompts: list[str], sampling: Sampling) -> list[dict]:
-    ids = predictor.prompt_ids(prompts)
-    for index, prompt in enumerate(ids):
-        if len(prompt) > MAX_PROMPT_TOKENS:
-            raise PromptTooLong(index, len(prompt))
-    return predictor.generate_ids(ids, sampling)
 
 
 # Rows one /evaluate call generates for at most: each is a greedy generation inside the request.

@@ -188,6 +188,8 @@ class PredictRequest(Strict):
     stop: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS,
                                    description="text generation: answers end before the first of these strings")
     seed: int | None = Field(None, description="text generation: makes sampling repeatable")
+    stream: bool | None = Field(None, description="text generation: answer as server-sent events (text/event-stream), "
+                                                  "each text piece as it is generated, then data: [DONE]")
 
     def generation_fields(self) -> tuple[str, ...]:
         return tuple(name for name in GENERATION_FIELDS if getattr(self, name) is not None)
@@ -200,7 +202,7 @@ class PredictRequest(Strict):
                         top_p=self.top_p if self.top_p is not None else 1.0, stop=tuple(self.stop or ()), seed=self.seed)
 
 
-GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "seed", "stream")
 
 
 class EvaluateRequest(Strict):

@@ -85,7 +85,34 @@ def test_length_stop_strings_and_sampling(client):
     assert sampled[0]["predictions"] == sampled[1]["predictions"]  # a seed makes sampling repeatable
 
 
+@pytest.mark.parametrize("variant", ["onnx-genai", "pytorch"])
+def test_a_streamed_answer_arrives_in_pieces_that_add_up_to_the_answer(client, variant):
+    prompts = ["What colour is a lime?", "Plum?", "What colour is a peach? Tell me, please."]
+    ask = {"model": "colours", "variant": variant, "inputs": prompts, "max_new_tokens": 10}
+    whole = client.post("/predict", json=ask).json()["predictions"]
+    cut_at = next(w for w in whole[0]["text"].split()[1:] if w)  # a stop string the first answer holds
+    for extra in ({}, {"stop": [cut_at]}):
+        expected = client.post("/predict", json={**ask, **extra}).json()["predictions"]
+        with client.stream("POST", "/predict", json={**ask, **extra, "stream": True}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+        events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert len(events) > 2  # pieces as they are generated, not the answers at the end
+        texts, ends = [""] * len(prompts), {}
+        for pieces in events:
+            for piece in pieces:
+                assert piece["index"] not in ends  # nothing after a prompt's last piece
+                texts[piece["index"]] += piece["text"]
+                if "finish_reason" in piece:
+                    ends[piece["index"]] = (piece["finish_reason"], piece["tokens"])
+        assert texts == [e["text"] for e in expected]
+        assert [ends[i] for i in range(len(prompts))] == [(e["finish_reason"], e["tokens"]) for e in expected]
+    assert expected[0]["finish_reason"] == "stop" and cut_at not in texts[0]
+
+
 @pytest.mark.parametrize("extra, field", [
+    ({"stream": True, "top_k": 2}, "top_k"), ({"stream": True, "max_new_tokens": 0}, "max_new_tokens"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": MAX_NEW_TOKENS + 1}, "max_new_tokens"),
     ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 5}, "stop"),
     ({"top_k": 2}, "top_k"), ({"images": ["aGVsbG8="], "inputs": None}, "images"),
@@ -106,6 +133,8 @@ def test_too_many_or_too_long_prompts_name_the_field(client):
 def test_a_classifier_refuses_generation_fields_and_still_classifies(client):
     refused = client.post("/predict", json={"model": "toy", "inputs": ["great film"], "temperature": 0.5})
     assert refused.status_code == 422 and refused.json()["field"] == "temperature"
+    refused = client.post("/predict", json={"model": "toy", "inputs": ["great film"], "stream": True})
+    assert refused.status_code == 422 and refused.json()["field"] == "stream"
     wrong = client.post("/predict", json={"model": "toy", "inputs": ["great film"], "variant": "onnx-genai"})
     assert wrong.status_code == 422 and wrong.json()["field"] == "variant" and "text-generation variant" in wrong.text
     wrong = client.post("/predict", json={"model": "colours", "inputs": ["Hi"], "variant": "int8"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
 
 from finetune_core.gen_predict import GenerationPredictor
 
@@ -15,7 +16,7 @@ from .. import datasets, inference, predict_inputs
 from ..context import context
 from ..errors import FieldError
 from ..evaluation import evaluate_dataset
-from ..generation import evaluate_generation
+from ..generation import evaluate_generation, stream
 from ..schemas import EvaluateRequest, PredictRequest
 
 router = APIRouter(tags=["predict"])
@@ -32,6 +33,13 @@ async def predict(request: Request) -> dict:
     (`inputs`) and the generation fields for a text-generation model."""
     ctx = context(request)
     body, inputs = await predict_inputs.read(request, ctx.metrics)
+    if body.stream:
+        served = await inference.load(ctx, REST, inference.Target(body.model, body.version, body.variant))
+        model = ctx.metrics.model_label(served.info.name)
+        events = await stream(served, inputs, body.sampling(), body.top_k, ctx.metrics, model)
+        ctx.metrics.predictions.labels(model=model, variant=served.predictor.variant, outcome="ok").inc()
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     served, predictions = await inference.predict(ctx, REST, inference.Target(body.model, body.version, body.variant),
                                                   inputs, body.top_k,
                                                   generation=inference.GenerationAsk(body.sampling(), body.generation_fields()))
