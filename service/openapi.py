@@ -160,9 +160,13 @@ EXTRA = {
     "/models/{name}/promote": {"requestBody": _example({"version": "v3"}),
                                "responses": {"200": _json(_object({"name": _STRING, "production": _STRING}))}},
     "/predict": {"requestBody": _example({"model": "sst2-minilm", "inputs": ["a moving, funny film", "a dull mess"]}),
-                 "responses": {"200": _json(_object({"model": _VERSION_REF, "variant": _STRING, "predictions": _array(
-                     _OBJECT, description="per input: label, score, scores (classifiers); value (regression); "
-                                          "text, tokens, finish_reason (text generation)")}))}},
+                 "responses": {"200": {"content": {
+                     **_json(_object({"model": _VERSION_REF, "variant": _STRING, "predictions": _array(
+                         _OBJECT, description="per input: label, score, scores (classifiers); value (regression); "
+                                              "text, tokens, finish_reason (text generation)")}))["content"],
+                     "text/event-stream": {"schema": {**_STRING, "description": (
+                         '"stream": true (text generation): data: [{"index", "text"}, ...] per decoding step '
+                         '(a prompt\'s last piece adds finish_reason and tokens), then data: [DONE]')}}}}}},
     "/evaluate": {"requestBody": _example({"model": "sst2-minilm", "data": "ds-0123456789abcdef"}),
                   "responses": {"200": _json(_object({"model": _VERSION_REF, "variant": _STRING}))}},
     "/v2/health/ready": {"responses": {
