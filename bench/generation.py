@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune_core.gen_config import generation_job_from_dict  # noqa: E402
+from finetune_core.gen_config import GENERATION_TRAIN_DEFAULTS, AdapterConfig, generation_job_from_dict  # noqa: E402
 from finetune_core.gen_pipeline import run_generation  # noqa: E402
 
 SYSTEM = "You give the ARPAbet pronunciation of English words."
@@ -133,10 +133,10 @@ def main() -> None:
     q.add_argument("--eval-rows", type=int, default=200)
     q.add_argument("--epochs", type=int, default=1)
     q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--learning-rate", type=float, default=2e-4)
+    q.add_argument("--learning-rate", type=float, default=GENERATION_TRAIN_DEFAULTS["learning_rate"])
     q.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: once per epoch)")
     q.add_argument("--method", choices=("lora", "full"), default="lora")
-    q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--rank", type=int, default=AdapterConfig().rank)
     q.add_argument("--max-length", type=int, default=64, help="tokens per training row (rows are about 50)")
     q.add_argument("--packing", action="store_true", help="pack rows into max-length sequences")
     q.add_argument("--model", default="smollm2")

@@ -97,6 +97,9 @@ class OnnxGenerator:
               seed: int | None = None) -> Iterator[list[Generated]]:
         """The answers after each decoding step (one list, grown in place); the last has every finish_reason.
         The caller may end an answer by setting its finish_reason: its row leaves the batch at the next step."""
+        if not prompts:
+            yield []
+            return
         rng = np.random.default_rng(seed)
         lengths = np.array([len(p) for p in prompts])  # tokens in each row's cache
         max_new_tokens = min(max_new_tokens, self.context - int(lengths.max()))
