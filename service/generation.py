@@ -9,7 +9,9 @@ images, each with a 422 naming the field. Requests for one model generate one ba
 from __future__ import annotations
 
 import json
-from typing import Iterator
+import queue
+import threading
+from typing import AsyncIterator
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -28,7 +30,14 @@ async def generate(served, inputs, sampling: Sampling | None, top_k: int | None,
     return results
 
 
-async def stream(served, inputs, sampling: Sampling | None, top_k: int | None, metrics, model_label: str) -> Iterator[str]:
+# A stream's generation runs ahead of its reader by at most STREAM_BUFFER steps; a reader that takes nothing for
+# STREAM_STALL_SECONDS is gone (a client that left is not always seen: starlette does not close the body
+# iterator when a send fails), and the model is freed for the next request.
+STREAM_BUFFER = 64
+STREAM_STALL_SECONDS = 10.0
+
+
+async def stream(served, inputs, sampling: Sampling | None, top_k: int | None, metrics, model_label: str) -> AsyncIterator[str]:
     """The answers as server-sent events: `data: [{"index", "text"}, ...]` per decoding step with new text (a
     prompt's last piece adds "finish_reason" and "tokens"), then `data: [DONE]`. The request is checked
     before the first event, so a bad one is still an ordinary 4xx."""
@@ -38,12 +47,36 @@ async def stream(served, inputs, sampling: Sampling | None, top_k: int | None, m
                              "regression model", "stream")
     ids = await _checked_prompts(served, inputs, top_k)
     counter = metrics.generated_tokens.labels(model=model_label, variant=predictor.variant)
+    handed: queue.Queue = queue.Queue(maxsize=STREAM_BUFFER)
+    stop = threading.Event()
 
-    def events() -> Iterator[str]:
-        for pieces in predictor.stream_ids(ids, sampling or Sampling(max_new_tokens=DEFAULT_NEW_TOKENS)):
-            counter.inc(sum(p.get("tokens", 0) for p in pieces))
-            yield f"data: {json.dumps(pieces)}\n\n"
-        yield "data: [DONE]\n\n"
+    def work() -> None:
+        """Generates in its own thread, so the model is let go here, deterministically, however the reader ends."""
+        steps = predictor.stream_ids(ids, sampling or Sampling(max_new_tokens=DEFAULT_NEW_TOKENS))
+        try:
+            for pieces in steps:
+                handed.put(pieces, timeout=STREAM_STALL_SECONDS)  # queue.Full: the reader is gone
+                if stop.is_set():
+                    break
+            handed.put(None, timeout=STREAM_STALL_SECONDS)
+        except queue.Full:
+            pass
+        except Exception as err:  # raised again on the reader's side, which ends the response
+            handed.put(err, timeout=STREAM_STALL_SECONDS)
+        finally:
+            steps.close()
+
+    async def events() -> AsyncIterator[str]:
+        threading.Thread(target=work, name="generation-stream", daemon=True).start()
+        try:
+            while (item := await run_in_threadpool(handed.get)) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                counter.inc(sum(p.get("tokens", 0) for p in item))
+                yield f"data: {json.dumps(item)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            stop.set()
 
     return events()
 

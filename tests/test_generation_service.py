@@ -7,6 +7,7 @@ text classifier ("toy"), so each can be asked for what only the other takes.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -109,6 +110,22 @@ def test_a_streamed_answer_arrives_in_pieces_that_add_up_to_the_answer(client, v
         assert texts == [e["text"] for e in expected]
         assert [ends[i] for i in range(len(prompts))] == [(e["finish_reason"], e["tokens"]) for e in expected]
     assert expected[0]["finish_reason"] == "stop" and cut_at not in texts[0]
+
+
+@pytest.mark.parametrize("variant", ["onnx-genai", "pytorch"])
+def test_a_client_leaving_a_stream_frees_the_model_for_the_next_request(client, variant):
+    """Generation holds the model one batch at a time; a stream whose reader goes away must let it go."""
+    long = {"model": "colours", "variant": variant, "inputs": ["Tell me about colours."] * 16, "max_new_tokens": 512,
+            "temperature": 1.0, "seed": 1, "stream": True}
+    with httpx.Client(base_url=client.base_url, headers=client.headers, timeout=60) as leaving:
+        with leaving.stream("POST", "/predict", json=long) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the first event, then the connection closes mid-answer
+    started = time.monotonic()
+    after = client.post("/predict", json={"model": "colours", "variant": variant, "inputs": ["Plum?"],
+                                          "max_new_tokens": 3}, timeout=60)
+    assert after.status_code == 200 and after.json()["predictions"][0]["tokens"] <= 3
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize("extra, field", [
